@@ -1,0 +1,296 @@
+"""The Python API: ``quantize`` a model and ``compare`` it with its original.
+
+``quantize`` runs: load (a copy) -> clean-up passes -> placement plan -> calibration through ONNX
+Runtime -> Q/DQ insertion -> atomic save. Every step is a module of its own; this file only wires them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxq.calibration.cache import load_cache, model_hash, save_cache
+from onnxq.calibration.calibrator import CalibrationSettings, TensorRange, calibrate
+from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_data
+from onnxq.calibration.methods import get_method
+from onnxq.calibration.overrides import known_ranges, load_overrides
+from onnxq.calibration.statistics import TensorStats
+from onnxq.errors import OnnxqError
+from onnxq.formats import get_format
+from onnxq.formats.base import NumberFormat, QuantParams
+from onnxq.graph import passes
+from onnxq.graph.qdq import InsertionStats, insert_qdq
+from onnxq.model_io import DEFAULT_IR_VERSION, load_model, save_model
+from onnxq.placement.plan import Plan
+from onnxq.placement.planner import PlacementOptions, plan_placement
+from onnxq.placement.rules import load_rule_set
+
+logger = logging.getLogger(__name__)
+
+MODES = ("int8", "fp8")
+#: per-channel DequantizeLinear needs opset 13; FLOAT8 Q/DQ needs 19
+MIN_OUTPUT_OPSET = 13
+
+
+@dataclass
+class QuantizeOptions:
+    mode: str = "int8"
+    target: str = "tensorrt"
+    patterns: str | os.PathLike[str] | None = None
+    calib_method: str = "max"
+    percentile: float | None = None
+    op_types: Sequence[str] | None = None
+    exclude_nodes: str | None = None
+    quantize_bmm: bool = True
+    providers: Sequence[str] | None = None
+    ort_custom_ops: Sequence[str] = ()
+    calib_batch_size: int | None = None
+    calib_max_samples: int | None = None
+    calib_memory_mb: float = 1024
+    calib_cache: str | os.PathLike[str] | None = None
+    calib_overrides: str | os.PathLike[str] | None = None
+    ir_version: int = DEFAULT_IR_VERSION
+    opset: int | None = None
+    progress: bool = False
+
+
+@dataclass
+class QuantizeResult:
+    model: ir.Model
+    plan: Plan
+    #: tensor name -> observed statistics and chosen range
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+    output_path: Path | None = None
+    insertion: InsertionStats = field(default_factory=InsertionStats)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def calibration(self) -> dict[str, TensorRange]:
+        return self.ranges
+
+
+def quantize(
+    model: Any,
+    *,
+    mode: str = "int8",
+    calibration_data: Any = None,
+    output_path: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> QuantizeResult:
+    """Quantize ``model`` (path, ModelProto, onnx_ir.Model or onnx_graphsurgeon.Graph).
+
+    ``options`` are the fields of :class:`QuantizeOptions` (target, calib_method, op_types, ...).
+    The input is never modified; with ``output_path`` the result is written there atomically.
+    """
+    settings = _options(mode, options)
+    timer = _Timer()
+    _check_output_path(model, output_path)
+    working = load_model(model)
+    _prepare(working, settings)
+    timer.lap("prepare")
+    plan = plan_placement(working, load_rule_set(settings.target, settings.patterns), _placement(settings))
+    timer.lap("plan")
+    activation_format, weight_format = formats_for(settings.mode, plan, settings)
+    ranges = _calibrate(working, plan, calibration_data, activation_format, settings)
+    timer.lap("calibrate")
+    params = activation_parameters(plan, ranges, activation_format, _symmetric(settings))
+    insertion = insert_qdq(working, plan.tensors(), params, activation_format, weight_format)
+    _finish(working, settings, activation_format)
+    timer.lap("insert")
+    if output_path is not None:
+        save_model(working, output_path)
+        timer.lap("save")
+    path = Path(output_path) if output_path is not None else None
+    return QuantizeResult(working, plan, ranges, path, insertion, timer.laps)
+
+
+def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
+    unknown = sorted(set(options) - set(QuantizeOptions.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown quantize option(s): {', '.join(unknown)}")
+    if mode not in MODES:
+        raise OnnxqError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
+    return QuantizeOptions(mode=mode, **options)
+
+
+def _check_output_path(model: Any, output_path: str | os.PathLike[str] | None) -> None:
+    if output_path is None:
+        return
+    output = Path(output_path)
+    if isinstance(model, (str, os.PathLike)) and Path(model).resolve() == output.resolve():
+        raise OnnxqError(f"output path {output} is the input model", "choose another -o path; the input is never overwritten")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxqError(f"output directory {folder} does not exist", "create it or choose another -o path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OnnxqError(f"output directory {folder} is not writable", "choose another -o path")
+
+
+def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
+    """Clean-up passes before planning: names, constants, BatchNorm, opset, shapes."""
+    ir.passes.common.NameFixPass()(model)
+    lifted = passes.lift_constant_nodes(model)
+    folded = passes.fold_batch_norm(model)
+    target_opset = max(settings.opset or 0, MIN_OUTPUT_OPSET, get_format(settings.mode).min_opset)
+    upgraded = passes.upgrade_opset(model, target_opset)
+    passes.clean_up(model)
+    passes.infer_shapes(model)
+    logger.info("prepared: %d constants lifted, %d BatchNorm folded, opset upgraded: %s", lifted, folded, upgraded)
+
+
+def _placement(settings: QuantizeOptions) -> PlacementOptions:
+    op_types = tuple(settings.op_types) if settings.op_types else None
+    return PlacementOptions(op_types=op_types, exclude_nodes=settings.exclude_nodes, quantize_bmm=settings.quantize_bmm)
+
+
+def _symmetric(settings: QuantizeOptions) -> bool:
+    return load_rule_set(settings.target, settings.patterns).activation_symmetric or settings.mode != "int8"
+
+
+def formats_for(mode: str, plan: Plan, settings: QuantizeOptions) -> tuple[NumberFormat, NumberFormat]:
+    """(activation format, weight format): INT8 for ONNX Runtime uses uint8 asymmetric activations."""
+    weight_format = get_format(mode)
+    if mode == "int8" and not _symmetric(settings):
+        return get_format("uint8"), weight_format
+    return weight_format, weight_format
+
+
+def _calibrate(
+    model: ir.Model, plan: Plan, source: Any, fmt: NumberFormat, settings: QuantizeOptions
+) -> dict[str, TensorRange]:
+    tensors = plan.activation_tensors()
+    if not tensors:
+        return {}
+    if source is None and settings.calib_cache is None:
+        raise OnnxqError(
+            f"{len(tensors)} activation tensors need calibration data",
+            "pass --calib DATA.npz (keys = input names, first axis = samples)",
+        )
+    data = open_calibration_data(source, input_specs(model), settings.calib_batch_size, settings.calib_max_samples)
+    ranges = _cached_or_calibrated(model, tensors, data, fmt, settings)
+    _drop_nonfinite(plan, ranges)
+    _apply_known_ranges(model, ranges, settings)
+    return ranges
+
+
+def _cached_or_calibrated(
+    model: ir.Model, tensors: list[str], data: CalibrationData, fmt: NumberFormat, settings: QuantizeOptions
+) -> dict[str, TensorRange]:
+    method_options = {"percentile": settings.percentile} if settings.percentile is not None else {}
+    method = get_method(settings.calib_method, **method_options)
+    identity = _cache_identity(model, data, settings, method_options)
+    if settings.calib_cache is not None and Path(settings.calib_cache).exists():
+        cached = load_cache(settings.calib_cache, **identity)
+        missing = [t for t in tensors if t not in cached]
+        if not missing:
+            logger.info("calibration ranges read from %s", settings.calib_cache)
+            return {t: _range_from_cache(*cached[t]) for t in tensors}
+        logger.warning("calibration cache lacks %d tensors; calibrating again", len(missing))
+    metric_format = get_format("int8") if fmt.name == "uint8" else fmt
+    calibration = CalibrationSettings(
+        settings.providers, settings.ort_custom_ops, settings.calib_memory_mb, settings.progress
+    )
+    ranges = calibrate(model, tensors, data, method, metric_format, calibration)
+    if settings.calib_cache is not None:
+        chosen = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if not r.nonfinite}
+        save_cache(settings.calib_cache, chosen, **identity, observed=_observed(ranges))
+    return ranges
+
+
+def _cache_identity(model: ir.Model, data: CalibrationData, settings: QuantizeOptions, options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model_hash": model_hash(model),
+        "data_fingerprint": data.fingerprint(),
+        "method": settings.calib_method,
+        "options": {**options, "target": settings.target, "mode": settings.mode},
+    }
+
+
+def _observed(ranges: dict[str, TensorRange]) -> dict[str, dict[str, Any]]:
+    return {
+        t: {"observed_low": r.stats.low, "observed_high": r.stats.high, "nonfinite": r.nonfinite}
+        for t, r in ranges.items()
+        if r.stats.has_data
+    }
+
+
+def _range_from_cache(low: float, high: float) -> TensorRange:
+    return TensorRange(TensorStats(low=low, high=high, count=1), low, high, "cache")
+
+
+def _drop_nonfinite(plan: Plan, ranges: dict[str, TensorRange]) -> None:
+    """A tensor seen holding NaN/inf during calibration stays float, and so do the nodes needing it."""
+    for tensor, found in ranges.items():
+        if found.nonfinite:
+            reason = f"input {tensor} held {found.nonfinite} non-finite values during calibration"
+            plan.nonfinite[tensor] = f"{found.nonfinite} NaN/inf values seen during calibration"
+            plan.drop_tensor(tensor, reason, "can carry inf")
+
+
+def _apply_known_ranges(model: ir.Model, ranges: dict[str, TensorRange], settings: QuantizeOptions) -> None:
+    """Known bounds (Softmax in [0, 1], Relu >= 0) and the user's overrides win over statistics."""
+    for tensor, (low, high) in known_ranges(model).items():
+        if tensor in ranges:
+            found = ranges[tensor]
+            found.chosen_low = found.chosen_low if low is None else max(found.chosen_low, low)
+            found.chosen_high = found.chosen_high if high is None else min(found.chosen_high, high)
+    if settings.calib_overrides is not None:
+        for tensor, (low, high) in load_overrides(settings.calib_overrides).items():
+            if tensor in ranges:
+                ranges[tensor].chosen_low, ranges[tensor].chosen_high = low, high
+                ranges[tensor].source = "override"
+
+
+def activation_parameters(
+    plan: Plan, ranges: dict[str, TensorRange], fmt: NumberFormat, symmetric: bool
+) -> dict[str, QuantParams]:
+    """Scale/zero point per activation; a shared-scale group uses the union of its members' ranges."""
+    grouped: dict[str, tuple[float, float]] = {}
+    for tensor, group in plan.groups.items():
+        if tensor in ranges:
+            low, high = grouped.get(group, (0.0, 0.0))
+            grouped[group] = (min(low, ranges[tensor].chosen_low), max(high, ranges[tensor].chosen_high))
+    params = {}
+    for tensor in plan.activation_tensors():
+        if tensor not in ranges:
+            continue
+        low, high = grouped.get(plan.groups.get(tensor, ""), (ranges[tensor].chosen_low, ranges[tensor].chosen_high))
+        params[tensor] = fmt.activation_params(low, high, symmetric)
+    return params
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """What calibration data must provide: graph inputs that are not initializers."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        shape = tuple(d if isinstance(d, int) else (str(d) if d is not None else None) for d in (value.shape or []))
+        dtype = value.dtype.numpy() if value.dtype is not None else None
+        specs.append(InputSpec(value.name or "", dtype, shape))  # type: ignore[arg-type]
+    return specs
+
+
+def _finish(model: ir.Model, settings: QuantizeOptions, fmt: NumberFormat) -> None:
+    model.ir_version = settings.ir_version
+    model.opset_imports[""] = max(model.opset_imports.get("", 0), fmt.min_opset, MIN_OUTPUT_OPSET)
+    model.producer_name = "onnxq"
+    passes.clean_up(model)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now

@@ -1,0 +1,101 @@
+"""Compare a quantized model with its original on the same inputs: SNR, cosine, max abs error.
+
+Metrics are accumulated batch by batch (sums of squares and products), so any amount of data fits in
+memory. Positions where both outputs hold the same non-finite value (e.g. masked logits at -inf) count
+as exact; any other non-finite disagreement makes the SNR -inf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxq.api import input_specs
+from onnxq.calibration.data import open_calibration_data
+from onnxq.errors import OnnxqError
+from onnxq.model_io import load_model
+from onnxq.runtime import make_session
+
+
+@dataclass
+class OutputMetrics:
+    """Running sums for one output; the metrics are properties."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+    dot: float = 0.0
+    quantized_energy: float = 0.0
+    max_abs_error: float = 0.0
+    mismatched_nonfinite: int = 0
+    elements: int = 0
+
+    def add(self, reference: np.ndarray, quantized: np.ndarray) -> None:
+        reference = reference.astype(np.float64)
+        quantized = quantized.astype(np.float64)
+        both_same = (reference == quantized) & ~np.isfinite(reference)
+        finite = np.isfinite(reference) & np.isfinite(quantized)
+        self.mismatched_nonfinite += int((~finite & ~both_same).sum())
+        ref, quant = reference[finite], quantized[finite]
+        error = quant - ref
+        self.signal += float(ref @ ref)
+        self.noise += float(error @ error)
+        self.dot += float(ref @ quant)
+        self.quantized_energy += float(quant @ quant)
+        self.max_abs_error = max(self.max_abs_error, float(np.abs(error).max(initial=0.0)))
+        self.elements += reference.size
+
+    @property
+    def snr_db(self) -> float:
+        """10 log10(signal / noise): 3 dB per halving of the error energy; inf when exact."""
+        if self.mismatched_nonfinite:
+            return -math.inf
+        if self.noise == 0.0:
+            return math.inf
+        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+
+    @property
+    def cosine(self) -> float:
+        denominator = math.sqrt(self.signal * self.quantized_energy)
+        return self.dot / denominator if denominator > 0 else (1.0 if self.noise == 0 else 0.0)
+
+
+@dataclass
+class CompareResult:
+    outputs: dict[str, OutputMetrics] = field(default_factory=dict)
+    samples: int = 0
+
+    @property
+    def min_snr_db(self) -> float:
+        return min(m.snr_db for m in self.outputs.values())
+
+
+def compare(
+    reference: Any,
+    quantized: Any,
+    data: Any,
+    *,
+    providers: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+) -> CompareResult:
+    """Run both models on ``data`` (any calibration data source) and measure each output's error."""
+    reference_model, quantized_model = load_model(reference), load_model(quantized)
+    names = [v.name or "" for v in reference_model.graph.outputs]
+    quantized_names = [v.name or "" for v in quantized_model.graph.outputs]
+    if names != quantized_names:
+        raise OnnxqError(f"outputs differ: {names} vs {quantized_names}", "compare a model with its own quantized version")
+    feeds = open_calibration_data(data, input_specs(reference_model), batch_size, max_samples)
+    reference_session = make_session(reference_model, providers)
+    quantized_session = make_session(quantized_model, providers)
+    result = CompareResult({name: OutputMetrics() for name in names})
+    for feed in feeds.batches():
+        expected = reference_session.run(names, feed)
+        actual = quantized_session.run(names, feed)
+        for name, ref, quant in zip(names, expected, actual):
+            result.outputs[name].add(np.asarray(ref), np.asarray(quant))
+        result.samples += len(next(iter(feed.values())))
+    return result

@@ -1,0 +1,109 @@
+"""The placement plan: a decision with a reason for every candidate node, and the tensors to quantize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["weight", "activation"]
+
+
+@dataclass(frozen=True)
+class TensorUse:
+    """One tensor to quantize for one consumer input (``input_index`` None: for all its consumers)."""
+
+    tensor: str
+    role: Role
+    node: str
+    input_index: int | None
+    axis: int | None = None
+
+
+@dataclass
+class NodeDecision:
+    node: str
+    op_type: str
+    rule: str
+    quantized: bool
+    reason: str
+    #: short reason class for summaries ("small conv", "can carry inf", ...); the reason has the details
+    category: str = ""
+    uses: list[TensorUse] = field(default_factory=list)
+
+    def skip(self, reason: str, category: str) -> None:
+        self.quantized, self.reason, self.category, self.uses = False, reason, category, []
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Everything the inserter needs to know about one tensor."""
+
+    name: str
+    role: Role
+    axis: int | None
+    consumers: frozenset[tuple[str, int]]
+    all_consumers: bool
+    group: str | None
+
+
+@dataclass
+class Plan:
+    target: str
+    decisions: list[NodeDecision] = field(default_factory=list)
+    #: tensor name -> shared-scale group name (Concat inputs and output share one scale)
+    groups: dict[str, str] = field(default_factory=dict)
+    #: tensors that can carry +/-inf, found statically or during calibration, with why
+    nonfinite: dict[str, str] = field(default_factory=dict)
+
+    def join_group(self, tensors: list[str]) -> None:
+        """Put ``tensors`` (and every tensor already grouped with one of them) in one scale group."""
+        joined = set(tensors) | {t for t, g in self.groups.items() if g in {self.groups.get(x) for x in tensors}}
+        name = "group:" + min(joined)
+        for tensor in joined:
+            self.groups[tensor] = name
+
+    def decision(self, node: str) -> NodeDecision | None:
+        return next((d for d in self.decisions if d.node == node), None)
+
+    def quantized_nodes(self) -> list[NodeDecision]:
+        return [d for d in self.decisions if d.quantized]
+
+    def uses_of(self, tensor: str) -> list[TensorUse]:
+        return [u for d in self.decisions for u in d.uses if u.tensor == tensor]
+
+    def is_quantized(self, tensor: str) -> bool:
+        return any(u.tensor == tensor for d in self.decisions for u in d.uses)
+
+    def activation_tensors(self) -> list[str]:
+        """Activation tensors to calibrate, in plan order, without repeats."""
+        names = (u.tensor for d in self.decisions for u in d.uses if u.role == "activation")
+        return list(dict.fromkeys(names))
+
+    def drop_tensor(self, tensor: str, reason: str, category: str) -> None:
+        """Leave ``tensor`` unquantized, and with it every node that needed it quantized."""
+        for decision in self.decisions:
+            if any(u.tensor == tensor for u in decision.uses):
+                decision.skip(reason, category)
+
+    def tensors(self) -> list[QuantizedTensor]:
+        merged: dict[str, list[TensorUse]] = {}
+        for decision in self.decisions:
+            for use in decision.uses:
+                merged.setdefault(use.tensor, []).append(use)
+        return [self._merge(name, uses) for name, uses in merged.items()]
+
+    def _merge(self, name: str, uses: list[TensorUse]) -> QuantizedTensor:
+        consumers = frozenset((u.node, u.input_index) for u in uses if u.input_index is not None)
+        all_consumers = any(u.input_index is None for u in uses)
+        return QuantizedTensor(name, uses[0].role, uses[0].axis, consumers, all_consumers, self.groups.get(name))
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(quantized nodes per op type, skipped nodes per reason) for the summary table."""
+        quantized: dict[str, int] = {}
+        skipped: dict[str, int] = {}
+        for d in self.decisions:
+            if d.quantized:
+                quantized[d.op_type] = quantized.get(d.op_type, 0) + 1
+            else:
+                skipped[d.category] = skipped.get(d.category, 0) + 1
+        return quantized, skipped

@@ -1,0 +1,106 @@
+"""ONNX Runtime sessions for calibration and comparison: providers, custom ops, readable errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxq.errors import OnnxqError
+from onnxq.model_io import session_model
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+#: GPU first when the installed build has it
+DEFAULT_PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
+_MISSING_KERNEL = re.compile(r"implementation for (\S+?)\((\d+)\) node with name '([^']*)'")
+_UNREGISTERED_OP = re.compile(r"(\S+):(\S+?)\((-?\d+)\) is not a registered function/op")
+
+
+def resolve_providers(names: Sequence[str] | None) -> list[str]:
+    """Execution providers by short or full name; unavailable ones are an error naming what exists."""
+    available = ort.get_available_providers()
+    if not names:
+        return [p for p in DEFAULT_PROVIDER_ORDER if p in available]
+    providers = [PROVIDER_NAMES.get(n.strip().lower(), n.strip()) for n in names if n.strip()]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise OnnxqError(
+            f"execution provider(s) {', '.join(missing)} not available in this onnxruntime build",
+            f"use one of {', '.join(available)} (install onnxq[gpu] for CUDA)",
+        )
+    return providers
+
+
+def make_session(
+    model: ir.Model,
+    providers: Sequence[str] | None = None,
+    custom_ops: Sequence[str] = (),
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """A session over ``model``; external weights are read from their folder, not copied."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Exact INT4 block DQ -> MatMul instead of silent int8 compute (ORT's MatMulNBits default).
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    if has_float8(model):
+        # ORT 1.32 CPU's extended graph optimizations change FP8 Q/DQ -> Conv/Add numerics (measured:
+        # 32.3 dB at BASIC vs 11.2 dB at EXTENDED on the same model); BASIC keeps them exact.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    for library in custom_ops:
+        _register_custom_ops(options, library)
+    proto_bytes, folder = session_model(model)
+    if folder:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+    try:
+        return ort.InferenceSession(proto_bytes, options, providers=resolve_providers(providers))
+    except Exception as error:  # ORT raises several private exception types
+        raise _session_error(error) from error
+
+
+FLOAT8_TYPES = frozenset(
+    {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ}
+)
+
+
+def has_float8(model: ir.Model) -> bool:
+    return any(v.dtype in FLOAT8_TYPES for v in model.graph.initializers.values())
+
+
+def _register_custom_ops(options: ort.SessionOptions, library: str) -> None:
+    if not os.path.isfile(library):
+        raise OnnxqError(f"custom-op library {library} does not exist", "pass the path of the compiled .so/.dll")
+    try:
+        options.register_custom_ops_library(library)
+    except Exception as error:
+        raise OnnxqError(f"cannot load custom-op library {library}: {error}", "check it matches this onnxruntime") from error
+
+
+def _session_error(error: Exception) -> OnnxqError:
+    message = str(error)
+    fix = (
+        "register its kernels with --ort-custom-ops LIB, pick a provider that has them with --providers, "
+        "or give the ranges with --calib-cache/--calib-overrides"
+    )
+    if match := _MISSING_KERNEL.search(message):
+        op, version, node = match.groups()
+        return OnnxqError(f"ONNX Runtime has no kernel for {op} (opset {version}, node {node!r})", fix)
+    if match := _UNREGISTERED_OP.search(message):
+        domain, op, _ = match.groups()
+        return OnnxqError(f"ONNX Runtime does not know op {domain}:{op}", fix)
+    first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    return OnnxqError(f"ONNX Runtime cannot load the model: {first_line[:300]}", fix)

@@ -1,0 +1,1 @@
+"""Shared fixtures: tests import the model builders from this folder."""

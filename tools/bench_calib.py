@@ -1,0 +1,1265 @@
+#!/usr/bin/env python3
+"""Benchmark onnxq's calibration engine against ONNX Runtime's calibrators.
+
+One run measures, on a seeded BERT-style transformer encoder built here with PyTorch:
+
+1. memory and time: onnxq ``entropy`` calibration vs ONNX Runtime's ``Entropy`` calibrator, each in its own
+   child process so that the child's peak RSS (``os.wait4`` ``ru_maxrss``) is measured, never estimated;
+2. accuracy: output SNR on held-out data against FP32 for every onnxq method and every ONNX Runtime method,
+   INT8 TensorRT-style symmetric (ONNX Runtime: QDQ, per-channel, symmetric activations and weights);
+3. batch-size invariance: onnxq ranges at calibration batch 1 vs 32 (bit-identical or not) and ONNX Runtime's
+   entropy thresholds at batch 1 vs 32 (max relative difference).
+
+Every child gets an address-space limit (``--mem-limit-gb``) so that a calibrator that needs more memory than
+the machine has fails with an out-of-memory error instead of taking the machine down; the failure is recorded
+and the ONNX Runtime single-pass calibrator is retried with fewer samples.
+
+Usage::
+
+    python tools/bench_calib.py --out bench_out            # full run (about 15 minutes on 2 cores)
+    python tools/bench_calib.py --quick --out bench_quick  # smoke run (2 layers, 16 samples, < 1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LOG = logging.getLogger("bench_calib")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- Model shape (BERT-small-like encoder) ---------------------------------------------------------------
+FULL_LAYERS = 12
+QUICK_LAYERS = 2
+HIDDEN = 384
+HEADS = 6
+FFN = 1536
+SEQ_LEN = 128
+OPSET = 17
+INPUT_NAME = "hidden_states"
+OUTPUT_NAME = "last_hidden_state"
+
+# --- Realistic-ish activations --------------------------------------------------------------------------
+MODEL_SEED = 0
+DATA_SEED = 1234
+CALIB_STREAM = 1
+EVAL_STREAM = 2
+VOCAB = 2048
+TOKEN_STD = 0.8
+POSITION_STD = 0.2
+NOISE_STD = 0.1
+SAMPLE_SCALE_SIGMA = 0.25
+# A few "massive activation" channels, as in real BERT/OPT/LLaMA hidden states and LayerNorm weights.
+OUTLIER_CHANNELS = (17, 101, 250, 308)
+OUTLIER_INPUT_GAIN = 20.0
+OUTLIER_LN_GAIN = 12.0
+QK_GAIN = 2.5
+
+# --- Run sizes ------------------------------------------------------------------------------------------
+DEFAULT_SAMPLES = 256
+QUICK_SAMPLES = 16
+DEFAULT_EVAL_SAMPLES = 32
+QUICK_EVAL_SAMPLES = 8
+INVARIANCE_BATCH = 32
+DEFAULT_CALIB_BATCH = 32
+EVAL_BATCH = 8
+MIN_FALLBACK_SAMPLES = 8
+FALLBACK_DIVISOR = 4
+
+# --- Calibration settings -------------------------------------------------------------------------------
+ONNXQ_METHODS = ("max", "entropy", "percentile", "mse")
+ORT_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
+PERCENTILE = 99.99
+RSS_RATIO_TARGET = 0.25
+TIME_RATIO_TARGET = 1.0
+
+# --- Child processes ------------------------------------------------------------------------------------
+DEFAULT_MEM_LIMIT_GB = 12.0
+DEFAULT_CHILD_TIMEOUT_S = 900.0
+POLL_INTERVAL_S = 0.1
+KIB = 1024
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+OOM_MARKERS = (
+    "memoryerror",
+    "bad_alloc",
+    "bad allocation",
+    "out of memory",
+    "failed to allocate",
+    "std::bad",
+)
+LOG_TAIL_CHARS = 1500
+
+
+# ======================================================================================================
+# Model and data
+# ======================================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the benchmark transformer encoder."""
+
+    layers: int = FULL_LAYERS
+    hidden: int = HIDDEN
+    heads: int = HEADS
+    ffn: int = FFN
+    seq_len: int = SEQ_LEN
+
+
+def build_transformer(spec: ModelSpec) -> Any:
+    """Build a seeded post-LayerNorm (BERT-style) encoder taking hidden states ``[batch, seq, hidden]``.
+
+    Written with plain Linear/MatMul/Softmax/LayerNorm/GELU so that the exported graph has the classic
+    MatMul + Add, Reshape/Transpose, Softmax, LayerNormalization and Erf-GELU patterns of exported BERTs.
+    A few LayerNorm channels get large weights and the Q/K projections a gain, so that activations carry
+    channel outliers and non-uniform attention like real trained transformers.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(MODEL_SEED)
+
+    class EncoderLayer(nn.Module):
+        """One post-LN encoder layer: self-attention, residual, LN, GELU FFN, residual, LN."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head_dim = spec.hidden // spec.heads
+            self.q = nn.Linear(spec.hidden, spec.hidden)
+            self.k = nn.Linear(spec.hidden, spec.hidden)
+            self.v = nn.Linear(spec.hidden, spec.hidden)
+            self.o = nn.Linear(spec.hidden, spec.hidden)
+            self.ln1 = nn.LayerNorm(spec.hidden)
+            self.fc1 = nn.Linear(spec.hidden, spec.ffn)
+            self.fc2 = nn.Linear(spec.ffn, spec.hidden)
+            self.ln2 = nn.LayerNorm(spec.hidden)
+
+        def _heads(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            return x.reshape(b, s, spec.heads, self.head_dim).transpose(1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            ctx = torch.matmul(torch.softmax(scores, dim=-1), v)
+            ctx = ctx.transpose(1, 2).reshape(b, s, spec.hidden)
+            x = self.ln1(x + self.o(ctx))
+            return self.ln2(x + self.fc2(nn.functional.gelu(self.fc1(x))))
+
+    class Encoder(nn.Module):
+        """A stack of encoder layers."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(EncoderLayer() for _ in range(spec.layers))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Encoder().eval()
+    gen = torch.Generator().manual_seed(MODEL_SEED + 1)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.q.weight.mul_(QK_GAIN)
+            layer.k.weight.mul_(QK_GAIN)
+            for ln in (layer.ln1, layer.ln2):
+                ln.weight.copy_(1.0 + 0.1 * torch.randn(spec.hidden, generator=gen))
+                ln.bias.copy_(0.05 * torch.randn(spec.hidden, generator=gen))
+                for ch in OUTLIER_CHANNELS:
+                    ln.weight[ch] = OUTLIER_LN_GAIN * (1.0 + 0.2 * torch.rand((), generator=gen).item())
+    return model
+
+
+def export_transformer(spec: ModelSpec, path: Path) -> None:
+    """Export the encoder with the TorchScript exporter at opset 17 with a dynamic batch axis."""
+    import warnings
+
+    import torch
+
+    model = build_transformer(spec)
+    example = torch.zeros(2, spec.seq_len, spec.hidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            opset_version=OPSET,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def make_hidden_states(spec: ModelSpec, count: int, stream: int) -> np.ndarray:
+    """Seeded embedding-like hidden states ``[count, seq, hidden]`` with a few large outlier channels.
+
+    A fixed token table and position table (shared by every stream) plus per-stream token ids, noise and a
+    log-normal per-sample scale, so calibration and evaluation data differ but come from one distribution.
+    """
+    base = np.random.default_rng(DATA_SEED)
+    table = base.standard_normal((VOCAB, spec.hidden)).astype(np.float32) * TOKEN_STD
+    positions = base.standard_normal((spec.seq_len, spec.hidden)).astype(np.float32) * POSITION_STD
+    signs = base.choice(np.array([-1.0, 1.0], dtype=np.float32), size=len(OUTLIER_CHANNELS))
+    rng = np.random.default_rng([DATA_SEED, stream])
+    ids = rng.integers(0, VOCAB, size=(count, spec.seq_len))
+    x = table[ids] + positions[None]
+    x += rng.standard_normal(x.shape, dtype=np.float32) * NOISE_STD
+    for sign, ch in zip(signs, OUTLIER_CHANNELS):
+        x[..., ch] = sign * OUTLIER_INPUT_GAIN * (1.0 + 0.25 * np.abs(x[..., ch]))
+    x *= rng.lognormal(0.0, SAMPLE_SCALE_SIGMA, size=(count, 1, 1)).astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def ort_calibration_tensors(model_path: Path) -> list[str]:
+    """The tensors ONNX Runtime's calibrators select with ``op_types_to_calibrate=None``.
+
+    Same rule as ``CalibraterBase.select_tensors_to_calibrate``: every float/float16 node input or output
+    with a shape-inferred type that is not an initializer.
+    """
+    import onnx
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
+    model = load_model_with_shape_infer(model_path)
+    infos = {vi.name: vi for vi in model.graph.value_info}
+    infos.update({vi.name: vi for vi in model.graph.output})
+    infos.update({vi.name: vi for vi in model.graph.input})
+    inits = {init.name for init in model.graph.initializer}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    names: list[str] = []
+    for node in model.graph.node:
+        for name in [*node.input, *node.output]:
+            vi = infos.get(name)
+            if (
+                vi is not None
+                and name not in inits
+                and vi.type.HasField("tensor_type")
+                and vi.type.tensor_type.elem_type in float_types
+                and name not in names
+            ):
+                names.append(name)
+    return names
+
+
+# ======================================================================================================
+# Shared helpers (parent and children)
+# ======================================================================================================
+
+
+def self_peak_rss_mb() -> float:
+    """Peak RSS of this process so far, in MB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / MIB
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run the body in ``path`` (ONNX Runtime's quantizer writes temporary files into the working dir)."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def load_input(path: Path, count: int | None = None) -> np.ndarray:
+    """Load the benchmark input array from an ``.npz`` file, optionally only the first ``count`` samples."""
+    with np.load(path) as npz:
+        data = npz[INPUT_NAME]
+    return data if count is None else np.ascontiguousarray(data[:count])
+
+
+def batches(data: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Feed dicts of ``batch_size`` consecutive samples (the last one may be smaller)."""
+    for start in range(0, len(data), batch_size):
+        yield {INPUT_NAME: data[start : start + batch_size]}
+
+
+def output_snr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Signal-to-noise ratio ``10 log10(sum(ref^2) / sum((ref - actual)^2))`` in dB."""
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - actual.astype(np.float64)) ** 2))
+    signal_power = float(np.sum(ref**2))
+    if noise == 0.0:
+        return math.inf
+    if not math.isfinite(noise):
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise)
+
+
+def run_model(model_path: Path, data: np.ndarray, *, optimize: bool = True) -> np.ndarray:
+    """Run ``model_path`` on ``data`` in batches with ONNX Runtime's CPU EP; return the first output."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    outs = [sess.run(None, feed)[0] for feed in batches(data, EVAL_BATCH)]
+    return np.concatenate(outs, axis=0)
+
+
+def is_oom(text: str) -> bool:
+    """Whether an error message looks like an allocation failure."""
+    low = text.lower()
+    return any(marker in low for marker in OOM_MARKERS)
+
+
+def save_ranges(path: Path, ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Save per-tensor (low, high) ranges in one ``.npz``: ``names`` plus ``<i>_lo``/``<i>_hi`` arrays."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (_, (lo, hi)) in enumerate(sorted(ranges.items())):
+        arrays[f"{i}_lo"] = np.asarray(lo)
+        arrays[f"{i}_hi"] = np.asarray(hi)
+    np.savez(path, names=np.array(sorted(ranges), dtype=object), **arrays)
+
+
+def load_ranges(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Inverse of :func:`save_ranges`."""
+    with np.load(path, allow_pickle=True) as npz:
+        names = list(npz["names"])
+        return {name: (npz[f"{i}_lo"], npz[f"{i}_hi"]) for i, name in enumerate(names)}
+
+
+# ======================================================================================================
+# onnxq adapter (the package is written in parallel; discover its calibration entry point)
+# ======================================================================================================
+
+
+def onnxq_status() -> tuple[bool, bool, str]:
+    """(low-level calibration usable, ``onnxq.quantize`` usable, one-line description)."""
+    notes: list[str] = []
+    calib_ok = quant_ok = True
+    try:
+        for module in ONNXQ_CALIBRATION_MODULES:
+            importlib.import_module(module)
+    except Exception as exc:
+        calib_ok = False
+        notes.append(f"calibration modules not importable ({type(exc).__name__}: {exc})")
+    try:
+        if not callable(getattr(importlib.import_module("onnxq"), "quantize", None)):
+            raise ImportError("onnxq has no quantize()")
+    except Exception as exc:
+        quant_ok = False
+        notes.append(f"onnxq.quantize not usable ({type(exc).__name__}: {exc})")
+    return calib_ok, quant_ok, "; ".join(notes) or "ok (onnxq.quantize and onnxq.calibration importable)"
+
+
+ONNXQ_CALIBRATION_MODULES = (
+    "onnxq.calibration.calibrator",
+    "onnxq.calibration.data",
+    "onnxq.calibration.methods",
+    "onnxq.formats",
+    "onnxq.model_io",
+)
+
+
+def onnxq_input_specs(model: Any) -> list[Any]:
+    """The model inputs as onnxq's data loader wants them (``onnxq.api.input_specs`` when present)."""
+    try:
+        return importlib.import_module("onnxq.api").input_specs(model)
+    except ImportError:
+        from onnxq.calibration.data import InputSpec
+
+        specs = []
+        for value in model.graph.inputs:
+            if value.name in model.graph.initializers:
+                continue
+            shape = tuple(
+                d if isinstance(d, int) else (str(d) if d is not None else None) for d in value.shape
+            )
+            specs.append(InputSpec(value.name, value.dtype.numpy(), shape))
+        return specs
+
+
+def call_onnxq_calibrate(
+    model_path: Path, names: Sequence[str], data_path: Path, method: str, batch_size: int | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """onnxq's streaming calibration of ``names`` with one method: the chosen (low, high) per tensor."""
+    from onnxq.calibration.calibrator import CalibrationSettings, calibrate
+    from onnxq.calibration.data import open_calibration_data
+    from onnxq.calibration.methods import get_method
+    from onnxq.formats import get_format
+    from onnxq.model_io import load_model
+
+    model = load_model(model_path)
+    data = open_calibration_data(data_path, onnxq_input_specs(model), batch_size)
+    options = {"percentile": PERCENTILE} if method == "percentile" else {}
+    ranges = calibrate(
+        model, list(names), data, get_method(method, **options), get_format("int8"), CalibrationSettings()
+    )
+    return {
+        name: (np.asarray(r.chosen_low, np.float64), np.asarray(r.chosen_high, np.float64))
+        for name, r in ranges.items()
+    }
+
+
+# ======================================================================================================
+# Child jobs (each runs in its own process; the parent measures its peak RSS with os.wait4)
+# ======================================================================================================
+
+
+class ArrayReader:
+    """ONNX Runtime ``CalibrationDataReader`` over an in-memory array, ``batch_size`` samples per feed."""
+
+    def __init__(self, data: np.ndarray, batch_size: int) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.start = 0
+        self.stop = len(data)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """Next feed dict, or ``None`` at the end of the current range."""
+        if self.start >= self.stop:
+            return None
+        end = min(self.start + self.batch_size, self.stop)
+        feed = {INPUT_NAME: self.data[self.start : end]}
+        self.start = end
+        return feed
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Restrict the reader to samples ``[start_index, end_index)`` (used by ``CalibStridedMinMax``)."""
+        self.start, self.stop = start_index, min(end_index, len(self.data))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def ort_ranges(tensors_data: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (low, high)}`` from ONNX Runtime's ``TensorsData``."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, td in tensors_data.items():
+        lo, hi = td.range_value
+        out[name] = (np.asarray(lo), np.asarray(hi))
+    return out
+
+
+def job_ort_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime calibrator (``create_calibrator`` + ``collect_data`` + ``compute_data``).
+
+    ``streaming`` calls ``collect_data`` once per batch (bounded memory; what ``CalibStridedMinMax`` does);
+    otherwise one ``collect_data`` call over every sample, as ``quantize_static`` does by default.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    data = load_input(Path(spec["data"]), spec["samples"])
+    work = Path(spec["workdir"])
+    baseline = self_peak_rss_mb()
+    t0 = time.perf_counter()
+    calibrator = create_calibrator(
+        Path(spec["model"]),
+        None,
+        augmented_model_path=str(work / f"{spec['name']}.augmented.onnx"),
+        calibrate_method=CalibrationMethod[spec["method"]],
+        extra_options={"symmetric": True},
+    )
+    reader = ArrayReader(data, spec["batch_size"])
+    if spec.get("streaming"):
+        while reader.start < len(data):
+            begin = reader.start
+            reader.set_range(begin, begin + spec["batch_size"])
+            calibrator.collect_data(reader)
+            reader.stop = len(data)
+    else:
+        calibrator.collect_data(reader)
+    t_collect = time.perf_counter() - t0
+    result = calibrator.compute_data()
+    elapsed = time.perf_counter() - t0
+    ranges = ort_ranges(result)
+    if spec.get("ranges_out"):
+        save_ranges(Path(spec["ranges_out"]), ranges)
+    return {
+        "baseline_rss_mb": baseline,
+        "calib_s": elapsed,
+        "collect_s": t_collect,
+        "tensors": len(ranges),
+        "samples": len(data),
+    }
+
+
+def job_onnxq_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
+    """onnxq's low-level calibration on the given tensor names."""
+    names = json.loads(Path(spec["tensors"]).read_text())
+    importlib.import_module("onnxq")
+    data_path = Path(spec["data"])
+    if spec.get("samples_subset"):
+        subset = Path(spec["workdir"]) / f"{spec['name']}.npz"
+        np.savez(subset, **{INPUT_NAME: load_input(data_path, spec["samples"])})
+        data_path = subset
+    baseline = self_peak_rss_mb()
+    t0 = time.perf_counter()
+    ranges = call_onnxq_calibrate(Path(spec["model"]), names, data_path, spec["method"], spec["batch_size"])
+    elapsed = time.perf_counter() - t0
+    if spec.get("ranges_out"):
+        save_ranges(Path(spec["ranges_out"]), ranges)
+    samples = len(load_input(data_path)) if spec.get("samples_subset") else spec["samples"]
+    return {"baseline_rss_mb": baseline, "calib_s": elapsed, "tensors": len(ranges), "samples": samples}
+
+
+def job_ort_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    """ONNX Runtime ``quantize_static``: QDQ, per-channel, symmetric INT8, then SNR on held-out data."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationMethod
+
+    data = load_input(Path(spec["data"]), spec["samples"])
+    out = Path(spec["workdir"]) / f"{spec['name']}.onnx"
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "CalibTensorRangeSymmetric": True,
+        "CalibPercentile": PERCENTILE,
+    }
+    if spec.get("stride"):
+        extra["CalibStridedMinMax"] = spec["stride"]
+    baseline = self_peak_rss_mb()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=spec["workdir"]) as tmp, working_directory(Path(tmp)):
+        quantize_static(
+            spec["model"],
+            str(out),
+            ArrayReader(data, spec["batch_size"]),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[spec["method"]],
+            extra_options=extra,
+        )
+    elapsed = time.perf_counter() - t0
+    return {"baseline_rss_mb": baseline, "calib_s": elapsed, **evaluate(out, spec)}
+
+
+def job_onnxq_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    """``onnxq.quantize`` INT8 for TensorRT with one calibration method, then SNR on held-out data."""
+    onnxq = importlib.import_module("onnxq")
+    out = Path(spec["workdir"]) / f"{spec['name']}.onnx"
+    baseline = self_peak_rss_mb()
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {
+        "mode": "int8",
+        "calibration_data": spec["data"],
+        "target": "tensorrt",
+        "calib_method": spec["method"],
+        "output_path": str(out),
+    }
+    if spec["method"] == "percentile":
+        kwargs["percentile"] = PERCENTILE
+    if spec.get("batch_size"):
+        kwargs["calib_batch_size"] = spec["batch_size"]
+    result = onnxq.quantize(spec["model"], **kwargs)
+    elapsed = time.perf_counter() - t0
+    if not out.exists():
+        import onnx_ir as ir
+
+        ir.save(result.model, out)
+    calibrated = getattr(result, "calibration", None)
+    quantized = sum(1 for node in result.model.graph if node.op_type == "QuantizeLinear")
+    info = {
+        "baseline_rss_mb": baseline,
+        "calib_s": elapsed,
+        "tensors": len(calibrated) if calibrated is not None and hasattr(calibrated, "__len__") else None,
+        "q_nodes": quantized,
+    }
+    return {**info, **evaluate(out, spec)}
+
+
+def evaluate(model_path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """SNR of ``model_path`` against the saved FP32 reference outputs on the held-out samples."""
+    eval_data = load_input(Path(spec["eval"]))
+    with np.load(spec["reference"]) as npz:
+        reference = npz[OUTPUT_NAME]
+    actual = run_model(model_path, eval_data)
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {
+        "snr_db": output_snr_db(reference, actual),
+        "q_nodes": sum(1 for n in graph.node if n.op_type == "QuantizeLinear"),
+        "dq_nodes": sum(1 for n in graph.node if n.op_type == "DequantizeLinear"),
+    }
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "ort_calibrate": job_ort_calibrate,
+    "onnxq_calibrate": job_onnxq_calibrate,
+    "ort_quantize": job_ort_quantize,
+    "onnxq_quantize": job_onnxq_quantize,
+}
+
+
+def child_main(spec_path: Path) -> int:
+    """Entry point of a child: run one job, write its result JSON (error included), exit 0."""
+    spec = json.loads(spec_path.read_text())
+    logging.basicConfig(level=logging.INFO, format=f"  [{spec['name']}] %(message)s", stream=sys.stderr)
+    result: dict[str, Any]
+    try:
+        result = {"ok": True, **JOBS[spec["job"]](spec)}
+    except BaseException as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        LOG.error("failed: %s", text[:LOG_TAIL_CHARS])
+        result = {
+            "ok": False,
+            "error": text[:LOG_TAIL_CHARS],
+            "oom": isinstance(exc, MemoryError) or is_oom(text),
+        }
+    result["self_peak_rss_mb"] = self_peak_rss_mb()
+    Path(spec["result"]).write_text(json.dumps(result, default=float))
+    return 0
+
+
+# ======================================================================================================
+# Parent: run children, measure, report
+# ======================================================================================================
+
+
+@dataclasses.dataclass
+class ChildOutcome:
+    """What one child process did: its result payload plus the parent's measurements of it."""
+
+    name: str
+    ok: bool
+    peak_rss_mb: float
+    wall_s: float
+    payload: dict[str, Any]
+    error: str = ""
+    oom: bool = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field of the child's result payload."""
+        return self.payload.get(key, default)
+
+
+class Runner:
+    """Runs child jobs one at a time under a memory limit and measures each child's peak RSS."""
+
+    def __init__(self, workdir: Path, mem_limit_gb: float, timeout_s: float) -> None:
+        self.workdir = workdir
+        self.mem_limit_bytes = int(mem_limit_gb * GIB)
+        self.timeout_s = timeout_s
+
+    def _limit(self) -> None:
+        """``preexec_fn``: cap the child's address space so over-allocation raises instead of OOM-killing."""
+        resource.setrlimit(resource.RLIMIT_AS, (self.mem_limit_bytes, self.mem_limit_bytes))
+
+    def run(self, name: str, job: str, **spec: Any) -> ChildOutcome:
+        """Run ``job`` in a fresh interpreter; return its payload with the measured peak RSS and wall time."""
+        spec_path = self.workdir / f"{name}.spec.json"
+        result_path = self.workdir / f"{name}.result.json"
+        log_path = self.workdir / f"{name}.log"
+        result_path.unlink(missing_ok=True)
+        spec.update(name=name, job=job, result=str(result_path), workdir=str(self.workdir))
+        spec_path.write_text(json.dumps(spec, default=str))
+        LOG.info("▶ %s", name)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        t0 = time.perf_counter()
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=self._limit,
+                env=env,
+                cwd=self.workdir,
+            )
+            status, usage = self._wait(proc, t0)
+        wall = time.perf_counter() - t0
+        peak = usage.ru_maxrss * KIB / MIB if usage is not None else float("nan")
+        return self._outcome(name, status, peak, wall, result_path, log_path)
+
+    def _wait(self, proc: subprocess.Popen[bytes], t0: float) -> tuple[int, Any]:
+        """Reap ``proc`` with ``os.wait4`` (killing it after the timeout); return (exit code, rusage)."""
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return proc.returncode, usage
+            if time.perf_counter() - t0 > self.timeout_s:
+                LOG.warning("  timeout after %.0f s: killing pid %d", self.timeout_s, proc.pid)
+                os.kill(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return proc.returncode, usage
+            time.sleep(POLL_INTERVAL_S)
+
+    def _outcome(
+        self, name: str, status: int, peak: float, wall: float, result_path: Path, log_path: Path
+    ) -> ChildOutcome:
+        """Combine the child's result file (if any) with the parent's measurements."""
+        if result_path.exists():
+            payload = json.loads(result_path.read_text())
+            outcome = ChildOutcome(
+                name,
+                bool(payload.get("ok")),
+                peak,
+                wall,
+                payload,
+                payload.get("error", ""),
+                payload.get("oom", False),
+            )
+        else:
+            tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            reason = f"child exited with status {status}" + (" (killed)" if status < 0 else "")
+            outcome = ChildOutcome(
+                name, False, peak, wall, {}, f"{reason}: {tail.strip()[-300:]}", is_oom(tail)
+            )
+            outcome.oom = outcome.oom or status == -signal.SIGKILL
+        if outcome.ok:
+            LOG.info("  done in %.1f s, peak RSS %.0f MB", wall, peak)
+        else:
+            LOG.warning(
+                "  FAILED in %.1f s (peak RSS %.0f MB): %s", wall, peak, outcome.error.splitlines()[0][:200]
+            )
+        return outcome
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Everything a run needs to know."""
+
+    spec: ModelSpec
+    samples: int
+    eval_samples: int
+    calib_batch: int
+    invariance_batch: int
+    mem_limit_gb: float
+    out: Path
+    skip_accuracy: bool
+    skip_invariance: bool
+    ort_methods: tuple[str, ...]
+    onnxq_methods: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Files the children share: model, tensor list, calibration/eval data and FP32 reference."""
+
+    model: Path
+    tensors: Path
+    tensor_count: int
+    calib: Path
+    eval: Path
+    reference: Path
+    node_count: int
+
+
+def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
+    """Export the model, generate the data, compute the FP32 reference and ONNX Runtime's tensor list."""
+    import onnx
+
+    model = workdir / "transformer.onnx"
+    LOG.info(
+        "building transformer: %d layers, hidden %d, %d heads, FFN %d, seq %d (opset %d)",
+        cfg.spec.layers,
+        cfg.spec.hidden,
+        cfg.spec.heads,
+        cfg.spec.ffn,
+        cfg.spec.seq_len,
+        OPSET,
+    )
+    export_transformer(cfg.spec, model)
+    calib, held_out = workdir / "calib.npz", workdir / "eval.npz"
+    np.savez(calib, **{INPUT_NAME: make_hidden_states(cfg.spec, cfg.samples, CALIB_STREAM)})
+    eval_data = make_hidden_states(cfg.spec, cfg.eval_samples, EVAL_STREAM)
+    np.savez(held_out, **{INPUT_NAME: eval_data})
+    LOG.info("data: %d calibration + %d held-out samples", cfg.samples, cfg.eval_samples)
+    reference = workdir / "reference.npz"
+    np.savez(reference, **{OUTPUT_NAME: run_model(model, eval_data, optimize=False)})
+    names = ort_calibration_tensors(model)
+    tensors = workdir / "tensors.json"
+    tensors.write_text(json.dumps(names))
+    nodes = len(onnx.load(str(model)).graph.node)
+    LOG.info("model: %d nodes; ONNX Runtime calibrates %d tensors", nodes, len(names))
+    return Prepared(model, tensors, len(names), calib, held_out, reference, nodes)
+
+
+def common(prep: Prepared) -> dict[str, Any]:
+    """Spec fields every child gets."""
+    return {
+        "model": str(prep.model),
+        "tensors": str(prep.tensors),
+        "data": str(prep.calib),
+        "eval": str(prep.eval),
+        "reference": str(prep.reference),
+    }
+
+
+def fallback_counts(samples: int) -> list[int]:
+    """Smaller sample counts to retry a single-pass ONNX Runtime calibration with after an OOM."""
+    counts, n = [], samples // FALLBACK_DIVISOR
+    while n >= MIN_FALLBACK_SAMPLES:
+        counts.append(n)
+        n //= 2
+    return counts
+
+
+@dataclasses.dataclass
+class MemoryResults:
+    """Rows of section 1 plus what section 3 reuses (saved ranges of the batch-32 runs)."""
+
+    rows: list[dict[str, Any]]
+    #: largest sample count at which ONNX Runtime's one-pass entropy calibration succeeded
+    single_samples: int | None = None
+    #: ``"<variant>"`` -> ranges file of the run at the default calibration batch
+    ranges: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+
+ORT_SINGLE = "ONNX Runtime Entropy (one collect_data)"
+ORT_STREAM = "ONNX Runtime Entropy (collect_data per batch)"
+ONNXQ_ENTROPY = "onnxq entropy"
+
+
+def bench_memory(cfg: BenchConfig, prep: Prepared, runner: Runner, onnxq_ok: bool) -> MemoryResults:
+    """Section 1: entropy calibration memory/time, onnxq vs ONNX Runtime (one pass and streaming).
+
+    ONNX Runtime's one-pass calibrator keeps every calibrated tensor of every sample in memory; when it
+    runs out of memory at ``--samples`` it is retried with fewer samples and onnxq is measured at that
+    count too, so that one ratio compares equal work.
+    """
+    res = MemoryResults(rows=[])
+    base, b = common(prep), cfg.calib_batch
+    single: ChildOutcome | None = None
+    for n in [cfg.samples, *fallback_counts(cfg.samples)]:
+        path = runner.workdir / f"mem_ort_single_{n}.ranges.npz"
+        outcome = runner.run(
+            f"mem_ort_single_{n}",
+            "ort_calibrate",
+            **base,
+            method="Entropy",
+            samples=n,
+            batch_size=min(b, n),
+            ranges_out=str(path),
+        )
+        res.rows.append(mem_row(ORT_SINGLE, n, min(b, n), outcome))
+        if outcome.ok:
+            single, res.single_samples = outcome, n
+            res.ranges["ort_single"] = path
+            break
+    path = runner.workdir / "mem_ort_stream.ranges.npz"
+    stream = runner.run(
+        "mem_ort_stream",
+        "ort_calibrate",
+        **base,
+        method="Entropy",
+        samples=cfg.samples,
+        batch_size=b,
+        streaming=True,
+        ranges_out=str(path),
+    )
+    res.rows.append(mem_row(ORT_STREAM, cfg.samples, b, stream))
+    if stream.ok:
+        res.ranges["ort_stream"] = path
+    if not onnxq_ok:
+        return res
+    path = runner.workdir / "mem_onnxq_entropy.ranges.npz"
+    full = runner.run(
+        "mem_onnxq_entropy",
+        "onnxq_calibrate",
+        **base,
+        method="entropy",
+        samples=cfg.samples,
+        batch_size=b,
+        ranges_out=str(path),
+    )
+    row = mem_row(ONNXQ_ENTROPY, cfg.samples, b, full)
+    row["ratios"] = [r for r in (ratio(row, stream, ORT_STREAM), ratio(row, single, ORT_SINGLE)) if r]
+    res.rows.append(row)
+    if full.ok:
+        res.ranges["onnxq_entropy"] = path
+    n = res.single_samples
+    if n is not None and n != cfg.samples:
+        small = runner.run(
+            f"mem_onnxq_entropy_{n}",
+            "onnxq_calibrate",
+            **base,
+            method="entropy",
+            samples=n,
+            batch_size=min(b, n),
+            samples_subset=True,
+        )
+        row = mem_row(ONNXQ_ENTROPY, n, min(b, n), small)
+        row["ratios"] = [r for r in (ratio(row, single, ORT_SINGLE),) if r]
+        res.rows.append(row)
+    return res
+
+
+def mem_row(tool: str, samples: int, batch: int, outcome: ChildOutcome) -> dict[str, Any]:
+    """One row of the memory/time table."""
+    status = "ok" if outcome.ok else ("OOM" if outcome.oom else "failed")
+    if not outcome.ok:
+        status += f" ({outcome.error.splitlines()[0][:90]})" if outcome.error else ""
+    return {
+        "tool": tool,
+        "samples": samples,
+        "batch": batch,
+        "tensors": outcome.get("tensors"),
+        "peak_rss_mb": outcome.peak_rss_mb,
+        "baseline_rss_mb": outcome.get("baseline_rss_mb"),
+        "calib_s": outcome.get("calib_s"),
+        "status": status,
+        "ok": outcome.ok,
+    }
+
+
+def ratio(row: dict[str, Any], ort: ChildOutcome | None, label: str) -> dict[str, Any] | None:
+    """onnxq/ONNX Runtime peak-RSS and time ratios for one onnxq row, when both ran with the same samples."""
+    if ort is None or not ort.ok or not row["ok"] or ort.get("samples") != row["samples"]:
+        return None
+    return {
+        "vs": label,
+        "samples": row["samples"],
+        "rss": row["peak_rss_mb"] / ort.peak_rss_mb,
+        "time": row["calib_s"] / ort.get("calib_s"),
+    }
+
+
+def bench_accuracy(cfg: BenchConfig, prep: Prepared, runner: Runner, onnxq_ok: bool) -> list[dict[str, Any]]:
+    """Section 2: held-out output SNR of every onnxq and ONNX Runtime calibration method."""
+    rows: list[dict[str, Any]] = []
+    base = common(prep)
+    b = cfg.calib_batch
+    if onnxq_ok:
+        for method in cfg.onnxq_methods:
+            label = f"{method} {PERCENTILE}" if method == "percentile" else method
+            outcome = runner.run(
+                f"acc_onnxq_{method}",
+                "onnxq_quantize",
+                **base,
+                method=method,
+                samples=cfg.samples,
+                batch_size=b,
+            )
+            rows.append(acc_row("onnxq (target tensorrt)", label, cfg.samples, outcome, ""))
+    for method in cfg.ort_methods:
+        label = f"{method} {PERCENTILE}" if method == "Percentile" else method
+        outcome = runner.run(
+            f"acc_ort_{method}",
+            "ort_quantize",
+            **base,
+            method=method,
+            samples=cfg.samples,
+            batch_size=b,
+            stride=b,
+        )
+        rows.append(acc_row("ONNX Runtime QDQ", label, cfg.samples, outcome, f"CalibStridedMinMax={b}"))
+    return rows
+
+
+def acc_row(tool: str, method: str, samples: int, outcome: ChildOutcome, note: str) -> dict[str, Any]:
+    """One row of the accuracy table."""
+    return {
+        "tool": tool,
+        "method": method,
+        "samples": samples,
+        "snr_db": outcome.get("snr_db") if outcome.ok else None,
+        "q_nodes": outcome.get("q_nodes"),
+        "time_s": outcome.get("calib_s"),
+        "peak_rss_mb": outcome.peak_rss_mb,
+        "status": "ok" if outcome.ok else ("OOM" if outcome.oom else "failed: " + outcome.error[:120]),
+        "note": note,
+    }
+
+
+def max_rel_diff(
+    a: dict[str, tuple[np.ndarray, np.ndarray]], b: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> float:
+    """Largest ``|a - b| / max(|a|, |b|)`` over the low and high ends of every common tensor's range."""
+    worst = 0.0
+    for name in a.keys() & b.keys():
+        for x, y in zip(a[name], b[name]):
+            x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            denom = np.maximum(np.maximum(np.abs(x64), np.abs(y64)), np.finfo(np.float64).tiny)
+            worst = max(worst, float(np.max(np.abs(x64 - y64) / denom)))
+    return worst
+
+
+def bit_identical(
+    a: dict[str, tuple[np.ndarray, np.ndarray]], b: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> bool:
+    """Same tensors and byte-for-byte equal ranges."""
+    if a.keys() != b.keys():
+        return False
+    return all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes() for name in a for x, y in zip(a[name], b[name])
+    )
+
+
+def bench_invariance(
+    cfg: BenchConfig, prep: Prepared, runner: Runner, mem: MemoryResults
+) -> list[dict[str, Any]]:
+    """Section 3: ranges at calibration batch 1 vs the default batch (whose runs section 1 already did)."""
+    base, big = common(prep), cfg.calib_batch
+    variants: list[tuple[str, str, str, dict[str, Any]]] = [
+        (
+            ORT_STREAM,
+            "ort_stream",
+            "ort_calibrate",
+            {"method": "Entropy", "streaming": True, "samples": cfg.samples},
+        ),
+    ]
+    if mem.single_samples is not None:
+        n = mem.single_samples
+        variants.append((ORT_SINGLE, "ort_single", "ort_calibrate", {"method": "Entropy", "samples": n}))
+    if "onnxq_entropy" in mem.ranges:
+        variants.append(
+            (ONNXQ_ENTROPY, "onnxq_entropy", "onnxq_calibrate", {"method": "entropy", "samples": cfg.samples})
+        )
+    rows = []
+    for label, key, job, extra in variants:
+        path = runner.workdir / f"inv_{key}_b1.ranges.npz"
+        outcome = runner.run(f"inv_{key}_b1", job, **base, **extra, batch_size=1, ranges_out=str(path))
+        row: dict[str, Any] = {
+            "tool": label,
+            "samples": extra["samples"],
+            "batches": f"1 vs {min(big, extra['samples'])}",
+        }
+        if outcome.ok and key in mem.ranges:
+            r1, r2 = load_ranges(path), load_ranges(mem.ranges[key])
+            row.update(
+                identical=bit_identical(r1, r2), max_rel=max_rel_diff(r1, r2), tensors=len(r1), status="ok"
+            )
+        else:
+            row.update(identical=None, max_rel=None, tensors=None, status=outcome.error.splitlines()[0][:100])
+        rows.append(row)
+    return rows
+
+
+# ======================================================================================================
+# Report
+# ======================================================================================================
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    """Format a number for the table (``-`` when missing)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_rel(value: float | None) -> str:
+    """Format a relative difference with three significant digits."""
+    return "-" if value is None else f"{value:.3g}"
+
+
+def verdict(value: float | None, target: float) -> str:
+    """``PASS``/``FAIL`` against an upper-bound target."""
+    if value is None:
+        return "n/a"
+    return "PASS" if value <= target else "FAIL"
+
+
+def render(
+    cfg: BenchConfig,
+    prep: Prepared,
+    status: str,
+    mem: list[dict[str, Any]],
+    acc: list[dict[str, Any]],
+    inv: list[dict[str, Any]],
+    total_s: float,
+    load: tuple[float, float],
+) -> str:
+    """The Markdown report."""
+    import onnxruntime as ort
+
+    spec = cfg.spec
+    lines = [
+        "# Calibration benchmark: onnxq vs ONNX Runtime",
+        "",
+        f"- Model: transformer encoder, {spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads, "
+        f"FFN {spec.ffn}, seq {spec.seq_len}, post-LN, GELU (Erf), opset {OPSET}, {prep.node_count} nodes; "
+        f"input float32 `[batch, {spec.seq_len}, {spec.hidden}]` hidden states with {len(OUTLIER_CHANNELS)} "
+        f"outlier channels (x{OUTLIER_INPUT_GAIN:g} input, x{OUTLIER_LN_GAIN:g} LayerNorm weight)",
+        f"- Data: {cfg.samples} calibration samples, {cfg.eval_samples} held-out samples (seed {DATA_SEED}, "
+        f"streams {CALIB_STREAM}/{EVAL_STREAM}); calibration batch {cfg.calib_batch}",
+        f"- ONNX Runtime {ort.__version__} calibrates {prep.tensor_count} tensors with "
+        "`op_types_to_calibrate=None`; onnxq's low-level calibration is given the same tensor names",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; each "
+        "measurement in its own child process; peak RSS = that child's `ru_maxrss` (os.wait4); address space "
+        f"capped at {cfg.mem_limit_gb:g} GB per child; load average at start/end {load[0]:.1f}/{load[1]:.1f}",
+        f"- onnxq: {status}",
+        f"- Total benchmark time: {total_s:.0f} s",
+        "",
+        "## 1. Entropy calibration: peak memory and time",
+        "",
+        "| calibrator | samples | batch | tensors | peak RSS (MB) | RSS before calibration (MB) "
+        "| time (s) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in mem:
+        lines.append(
+            f"| {r['tool']} | {r['samples']} | {r['batch']} | {fmt(r['tensors'])} "
+            f"| {fmt(r['peak_rss_mb'], 0)} "
+            f"| {fmt(r['baseline_rss_mb'], 0)} | {fmt(r['calib_s'])} | {r['status']} |"
+        )
+    lines += [
+        "",
+        *ratio_lines(mem),
+        "",
+        "## 2. Accuracy: output SNR vs FP32 on held-out data (INT8 symmetric)",
+        "",
+    ]
+    lines += [
+        "| tool | method | calib samples | Q nodes | SNR (dB) | quantize time (s) | peak RSS (MB) | status "
+        "| notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in acc:
+        lines.append(
+            f"| {r['tool']} | {r['method']} | {r['samples']} | {fmt(r['q_nodes'])} | {fmt(r['snr_db'], 2)} "
+            f"| {fmt(r['time_s'])} | {fmt(r['peak_rss_mb'], 0)} | {r['status']} | {r['note']} |"
+        )
+    lines += ["", f"## 3. Batch-size invariance (calibration batch 1 vs {cfg.invariance_batch})", ""]
+    lines += [
+        "| calibrator | samples | batches | tensors | bit-identical | max relative range difference "
+        "| status |",
+        "|---|---:|---|---:|---|---:|---|",
+    ]
+    for r in inv:
+        lines.append(
+            f"| {r['tool']} | {r['samples']} | {r['batches']} | {fmt(r['tensors'])} | {fmt(r['identical'])} "
+            f"| {fmt_rel(r['max_rel'])} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def ratio_lines(mem: list[dict[str, Any]]) -> list[str]:
+    """Bullet lines with the onnxq/ONNX Runtime ratios and their verdicts against the targets."""
+    out: list[str] = []
+    for row in mem:
+        for r in row.get("ratios", []):
+            out.append(
+                f"- onnxq / {r['vs']} at {r['samples']} samples: peak RSS ratio **{r['rss']:.3f}** "
+                f"(target <= {RSS_RATIO_TARGET}: {verdict(r['rss'], RSS_RATIO_TARGET)}), time ratio "
+                f"**{r['time']:.2f}** (target <= {TIME_RATIO_TARGET}: "
+                f"{verdict(r['time'], TIME_RATIO_TARGET)})"
+            )
+    if not out:
+        out.append("- no onnxq/ONNX Runtime ratio: one side did not run")
+    return out
+
+
+# ======================================================================================================
+# CLI
+# ======================================================================================================
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("bench_calib_out"), help="output directory for bench_calib.md"
+    )
+    p.add_argument(
+        "--samples", type=int, default=None, help=f"calibration samples (default {DEFAULT_SAMPLES})"
+    )
+    p.add_argument(
+        "--eval-samples", type=int, default=None, help=f"held-out samples (default {DEFAULT_EVAL_SAMPLES})"
+    )
+    p.add_argument("--layers", type=int, default=None, help=f"encoder layers (default {FULL_LAYERS})")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 16 samples, < 1 minute")
+    p.add_argument("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH, help="calibration batch size")
+    p.add_argument(
+        "--mem-limit-gb", type=float, default=DEFAULT_MEM_LIMIT_GB, help="address-space cap per child"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_CHILD_TIMEOUT_S, help="seconds before a child is killed"
+    )
+    p.add_argument("--skip-accuracy", action="store_true", help="skip the SNR section")
+    p.add_argument("--skip-invariance", action="store_true", help="skip the batch-invariance section")
+    p.add_argument("--keep-work", action="store_true", help="keep models, data and child logs in OUT/work")
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Resolve defaults (``--quick`` shrinks the model and the data)."""
+    layers = args.layers or (QUICK_LAYERS if args.quick else FULL_LAYERS)
+    samples = args.samples or (QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES)
+    eval_samples = args.eval_samples or (QUICK_EVAL_SAMPLES if args.quick else DEFAULT_EVAL_SAMPLES)
+    return BenchConfig(
+        spec=ModelSpec(layers=layers),
+        samples=samples,
+        eval_samples=eval_samples,
+        calib_batch=min(args.calib_batch, samples),
+        invariance_batch=min(INVARIANCE_BATCH, samples),
+        mem_limit_gb=args.mem_limit_gb,
+        out=args.out,
+        skip_accuracy=args.skip_accuracy,
+        skip_invariance=args.skip_invariance,
+        ort_methods=ORT_METHODS,
+        onnxq_methods=ONNXQ_METHODS,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write ``OUT/bench_calib.md``."""
+    args = parse_args(argv)
+    if args.child is not None:
+        return child_main(args.child)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = config_from_args(args)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    workdir = (cfg.out / "work").resolve()
+    workdir.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    calib_ok, quant_ok, status = onnxq_status()
+    LOG.info("onnxq: %s", status)
+    prep = prepare(cfg, workdir)
+    runner = Runner(workdir, cfg.mem_limit_gb, args.timeout)
+    LOG.info("== 1. entropy calibration memory/time")
+    mem = bench_memory(cfg, prep, runner, calib_ok)
+    acc: list[dict[str, Any]] = []
+    if not cfg.skip_accuracy:
+        LOG.info("== 2. accuracy")
+        acc = bench_accuracy(cfg, prep, runner, quant_ok)
+    inv: list[dict[str, Any]] = []
+    if not cfg.skip_invariance:
+        LOG.info("== 3. batch-size invariance")
+        inv = bench_invariance(cfg, prep, runner, mem)
+    load = (load_start, os.getloadavg()[0])
+    report = render(cfg, prep, status, mem.rows, acc, inv, time.perf_counter() - t0, load)
+    (cfg.out / "bench_calib.md").write_text(report)
+    print(report)
+    LOG.info("wrote %s", cfg.out / "bench_calib.md")
+    if not args.keep_work:
+        for path in sorted(workdir.iterdir()):
+            if path.is_file():
+                path.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
