@@ -43,8 +43,7 @@ def load_model(source: ModelSource) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         return ir.serde.deserialize_model(source)
     if isinstance(source, ir.Model):
-        # A round trip through the proto gives an independent graph; tensors are shared read-only.
-        return ir.serde.deserialize_model(ir.serde.serialize_model(source))
+        return clone_model(source)
     if type(source).__name__ == "Graph" and hasattr(source, "nodes") and hasattr(source, "tensors"):
         import onnx_graphsurgeon as gs
 
@@ -53,6 +52,15 @@ def load_model(source: ModelSource) -> ir.Model:
         f"cannot load a model from a {type(source).__name__}",
         "pass a path to a .onnx file, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon.Graph",
     )
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """An independent copy of the graph (a proto round trip); external weights stay on disk, by reference."""
+    folders = {t.base_dir for t in external_tensors(model)}
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    if len(folders) == 1:
+        ir.external_data.set_base_dir(copy.graph, folders.pop())
+    return copy
 
 
 def _load_path(path: Path) -> ir.Model:

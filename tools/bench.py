@@ -11,8 +11,11 @@ Two like-for-like pairs per model:
   ``quantize_static`` with QUInt8 asymmetric activations and QInt8 symmetric per-channel weights.
 
 Every quantization runs in its own child process (``python tools/bench.py --worker SPEC``) so that its
-peak RSS can be read from ``os.wait4``; its quantize time is measured inside the child around the
-quantize call (model loading, calibration and writing included, interpreter start-up excluded). Both
+peak RSS is its own: the worker reports ``VmHWM`` (the high-water RSS of its address space) from
+``/proc/self/status``. ``ru_maxrss`` from ``os.wait4`` is only a fallback for a worker that dies: on Linux
+it also counts the parent's RSS at fork/exec time, which here (torch, FP32 sessions) would dominate.
+The quantize time is measured inside the child around the quantize call (model loading, calibration and
+writing included, interpreter start-up excluded). Both
 quantizers calibrate on the same .npz (fed to ORT through a ``CalibrationDataReader`` in batches of
 ``CALIB_BATCH``). The parent then measures, with ONNX Runtime on CPU, the output SNR against FP32 on the
 held-out eval set and the median latency of each model.
@@ -146,8 +149,20 @@ def quantize_with_onnxq(job: QuantJob) -> None:
     )
 
 
+def peak_rss_self_mb() -> float | None:
+    """High-water RSS of this process's address space (``VmHWM``) in MB, None where unavailable."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * KB / BYTES_PER_MB
+    return None
+
+
 def run_worker(spec_path: Path) -> int:
-    """Child entry point: run one job, write {ok, seconds, error} next to the spec."""
+    """Child entry point: run one job, write {ok, seconds, peak_rss_mb, error} to the job's result path."""
     job = QuantJob(**json.loads(spec_path.read_text()))
     quantize = quantize_with_onnxq if job.quantizer == "onnxq" else quantize_with_ort
     start = time.perf_counter()
@@ -158,6 +173,7 @@ def run_worker(spec_path: Path) -> int:
         result = {"ok": False, "seconds": time.perf_counter() - start, "error": short_error(error)}
     else:
         result = {"ok": True, "seconds": time.perf_counter() - start, "error": ""}
+    result["peak_rss_mb"] = peak_rss_self_mb()
     Path(job.result_path).write_text(json.dumps(result))
     return 0 if result["ok"] else 1
 
@@ -203,7 +219,10 @@ class ModelReport:
 
 
 def run_child(command: list[str], log_path: Path, timeout_s: float) -> tuple[int, float]:
-    """Run ``command``, return (exit code, peak RSS in MB of that child alone via ``os.wait4``)."""
+    """Run ``command``; return (exit code, ``ru_maxrss`` in MB from ``os.wait4``).
+
+    That ``ru_maxrss`` is an upper bound only: Linux carries the parent's RSS at exec time into it.
+    """
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -234,6 +253,8 @@ def quantize_in_child(job: QuantJob, work_dir: Path, timeout_s: float) -> QuantO
     if result_path.exists():
         result = json.loads(result_path.read_text())
         outcome.ok, outcome.seconds, outcome.error = result["ok"], result["seconds"], result["error"]
+        if result.get("peak_rss_mb") is not None:
+            outcome.peak_rss_mb = result["peak_rss_mb"]
     else:
         outcome.error = f"worker exit code {code} after {time.perf_counter() - start:.0f} s (see {stem}.log)"
     if outcome.ok and not Path(job.output_path).exists():
@@ -475,7 +496,8 @@ def report_notes(reports: list[ModelReport]) -> list[str]:
         f"({BIG_LATENCY_RUNS} for the big model) after {LATENCY_WARMUP} warm-up runs; {batches}.",
         "SNR: 10 log10(sum ref^2 / sum (ref - q)^2) of the output on the held-out eval set (worst output).",
         "Quantize time is measured inside each worker process around the quantize call; peak RSS is the "
-        "worker's ru_maxrss (interpreter and imports included for both quantizers).",
+        "worker's VmHWM (its own high-water RSS: interpreter and imports included for both quantizers; "
+        "wait4's ru_maxrss would include the parent's RSS inherited at exec).",
         "Compare SNR only within a pair: symmetric INT8 (TensorRT) and asymmetric uint8 (ORT CPU) differ by "
         "design. CPU latency of TensorRT-style graphs says nothing about TensorRT speed.",
     ]

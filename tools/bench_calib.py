@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ SEQ_LEN = 128
 OPSET = 17
 INPUT_NAME = "hidden_states"
 OUTPUT_NAME = "last_hidden_state"
+REFERENCE_KEY = "output"  # the first model output, FP32, on the held-out samples
 
 # --- Realistic-ish activations --------------------------------------------------------------------------
 MODEL_SEED = 0
@@ -108,6 +110,7 @@ OOM_MARKERS = (
     "std::bad",
 )
 LOG_TAIL_CHARS = 1500
+CNN_BUILDER_FILE = "bench_models.py"
 
 
 # ======================================================================================================
@@ -286,17 +289,24 @@ def working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def load_input(path: Path, count: int | None = None) -> np.ndarray:
-    """Load the benchmark input array from an ``.npz`` file, optionally only the first ``count`` samples."""
+Feeds = dict[str, np.ndarray]
+
+
+def load_feeds(path: Path | str, count: int | None = None) -> Feeds:
+    """All arrays of an ``.npz`` file (input name -> samples on axis 0), optionally the first ``count``."""
     with np.load(path) as npz:
-        data = npz[INPUT_NAME]
-    return data if count is None else np.ascontiguousarray(data[:count])
+        return {k: np.ascontiguousarray(npz[k][:count] if count is not None else npz[k]) for k in npz.files}
 
 
-def batches(data: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def num_samples(feeds: Feeds) -> int:
+    """Samples in a feed dict (length of axis 0)."""
+    return len(next(iter(feeds.values())))
+
+
+def batches(feeds: Feeds, batch_size: int) -> Iterator[Feeds]:
     """Feed dicts of ``batch_size`` consecutive samples (the last one may be smaller)."""
-    for start in range(0, len(data), batch_size):
-        yield {INPUT_NAME: data[start : start + batch_size]}
+    for start in range(0, num_samples(feeds), batch_size):
+        yield {k: v[start : start + batch_size] for k, v in feeds.items()}
 
 
 def output_snr_db(reference: np.ndarray, actual: np.ndarray) -> float:
@@ -311,7 +321,7 @@ def output_snr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     return 10.0 * math.log10(signal_power / noise)
 
 
-def run_model(model_path: Path, data: np.ndarray, *, optimize: bool = True) -> np.ndarray:
+def run_model(model_path: Path, data: Feeds, *, optimize: bool = True) -> np.ndarray:
     """Run ``model_path`` on ``data`` in batches with ONNX Runtime's CPU EP; return the first output."""
     import onnxruntime as ort
 
@@ -426,27 +436,27 @@ def call_onnxq_calibrate(
 class ArrayReader:
     """ONNX Runtime ``CalibrationDataReader`` over an in-memory array, ``batch_size`` samples per feed."""
 
-    def __init__(self, data: np.ndarray, batch_size: int) -> None:
+    def __init__(self, data: Feeds, batch_size: int) -> None:
         self.data = data
         self.batch_size = batch_size
         self.start = 0
-        self.stop = len(data)
+        self.stop = num_samples(data)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """Next feed dict, or ``None`` at the end of the current range."""
         if self.start >= self.stop:
             return None
         end = min(self.start + self.batch_size, self.stop)
-        feed = {INPUT_NAME: self.data[self.start : end]}
+        feed = {k: v[self.start : end] for k, v in self.data.items()}
         self.start = end
         return feed
 
     def set_range(self, start_index: int, end_index: int) -> None:
         """Restrict the reader to samples ``[start_index, end_index)`` (used by ``CalibStridedMinMax``)."""
-        self.start, self.stop = start_index, min(end_index, len(self.data))
+        self.start, self.stop = start_index, min(end_index, num_samples(self.data))
 
     def __len__(self) -> int:
-        return len(self.data)
+        return num_samples(self.data)
 
 
 def ort_ranges(tensors_data: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -466,7 +476,7 @@ def job_ort_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    data = load_input(Path(spec["data"]), spec["samples"])
+    data = load_feeds(spec["data"], spec["samples"])
     work = Path(spec["workdir"])
     baseline = self_peak_rss_mb()
     t0 = time.perf_counter()
@@ -479,11 +489,11 @@ def job_ort_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     )
     reader = ArrayReader(data, spec["batch_size"])
     if spec.get("streaming"):
-        while reader.start < len(data):
+        while reader.start < num_samples(data):
             begin = reader.start
             reader.set_range(begin, begin + spec["batch_size"])
             calibrator.collect_data(reader)
-            reader.stop = len(data)
+            reader.stop = num_samples(data)
     else:
         calibrator.collect_data(reader)
     t_collect = time.perf_counter() - t0
@@ -497,7 +507,7 @@ def job_ort_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
         "calib_s": elapsed,
         "collect_s": t_collect,
         "tensors": len(ranges),
-        "samples": len(data),
+        "samples": num_samples(data),
     }
 
 
@@ -508,7 +518,7 @@ def job_onnxq_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     data_path = Path(spec["data"])
     if spec.get("samples_subset"):
         subset = Path(spec["workdir"]) / f"{spec['name']}.npz"
-        np.savez(subset, **{INPUT_NAME: load_input(data_path, spec["samples"])})
+        np.savez(subset, **load_feeds(data_path, spec["samples"]))
         data_path = subset
     baseline = self_peak_rss_mb()
     t0 = time.perf_counter()
@@ -516,7 +526,7 @@ def job_onnxq_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     if spec.get("ranges_out"):
         save_ranges(Path(spec["ranges_out"]), ranges)
-    samples = len(load_input(data_path)) if spec.get("samples_subset") else spec["samples"]
+    samples = num_samples(load_feeds(data_path)) if spec.get("samples_subset") else spec["samples"]
     return {"baseline_rss_mb": baseline, "calib_s": elapsed, "tensors": len(ranges), "samples": samples}
 
 
@@ -525,7 +535,7 @@ def job_ort_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod
 
-    data = load_input(Path(spec["data"]), spec["samples"])
+    data = load_feeds(spec["data"], spec["samples"])
     out = Path(spec["workdir"]) / f"{spec['name']}.onnx"
     extra: dict[str, Any] = {
         "ActivationSymmetric": True,
@@ -589,9 +599,9 @@ def job_onnxq_quantize(spec: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(model_path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """SNR of ``model_path`` against the saved FP32 reference outputs on the held-out samples."""
-    eval_data = load_input(Path(spec["eval"]))
+    eval_data = load_feeds(spec["eval"])
     with np.load(spec["reference"]) as npz:
-        reference = npz[OUTPUT_NAME]
+        reference = npz[REFERENCE_KEY]
     actual = run_model(model_path, eval_data)
     import onnx
 
@@ -752,6 +762,7 @@ class BenchConfig:
     out: Path
     skip_accuracy: bool
     skip_invariance: bool
+    cnn: bool
     ort_methods: tuple[str, ...]
     onnxq_methods: tuple[str, ...]
 
@@ -767,6 +778,65 @@ class Prepared:
     eval: Path
     reference: Path
     node_count: int
+    #: models of the accuracy section: the transformer first, then the optional CNN
+    accuracy: list[AccuracyModel] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyModel:
+    """One model of the accuracy section with its calibration set, held-out set and FP32 reference."""
+
+    name: str
+    model: Path
+    calib: Path
+    eval: Path
+    reference: Path
+    samples: int
+
+    def spec(self) -> dict[str, Any]:
+        """Spec fields of an accuracy child."""
+        return {
+            "model": str(self.model),
+            "data": str(self.calib),
+            "eval": str(self.eval),
+            "reference": str(self.reference),
+            "samples": self.samples,
+        }
+
+
+def write_reference(model: Path, eval_path: Path, out: Path) -> Path:
+    """Run the FP32 model (no graph optimisation) on the held-out set and save its first output."""
+    np.savez(out, **{REFERENCE_KEY: run_model(model, load_feeds(eval_path), optimize=False)})
+    return out
+
+
+def prepare_cnn(workdir: Path) -> AccuracyModel | None:
+    """The ResNet-style CNN of ``tools/bench_models.py`` (another tool's builder), if that file is usable."""
+    builder = Path(__file__).resolve().with_name(CNN_BUILDER_FILE)
+    if not builder.exists():
+        LOG.info("no %s: CNN accuracy skipped", CNN_BUILDER_FILE)
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("bench_models", builder)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        built = module.make_resnet(workdir / "cnn")
+    except Exception as exc:
+        LOG.warning(
+            "CNN builder of %s failed, CNN accuracy skipped: %s: %s",
+            CNN_BUILDER_FILE,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    reference = write_reference(built.model_path, built.eval_path, workdir / "cnn_reference.npz")
+    samples = num_samples(load_feeds(built.calib_path))
+    LOG.info("CNN: %s with %d calibration samples", built.model_path.name, samples)
+    return AccuracyModel(
+        "ResNet-style CNN", built.model_path, built.calib_path, built.eval_path, reference, samples
+    )
 
 
 def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
@@ -786,17 +856,22 @@ def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
     export_transformer(cfg.spec, model)
     calib, held_out = workdir / "calib.npz", workdir / "eval.npz"
     np.savez(calib, **{INPUT_NAME: make_hidden_states(cfg.spec, cfg.samples, CALIB_STREAM)})
-    eval_data = make_hidden_states(cfg.spec, cfg.eval_samples, EVAL_STREAM)
-    np.savez(held_out, **{INPUT_NAME: eval_data})
+    eval_data = {INPUT_NAME: make_hidden_states(cfg.spec, cfg.eval_samples, EVAL_STREAM)}
+    np.savez(held_out, **eval_data)
     LOG.info("data: %d calibration + %d held-out samples", cfg.samples, cfg.eval_samples)
-    reference = workdir / "reference.npz"
-    np.savez(reference, **{OUTPUT_NAME: run_model(model, eval_data, optimize=False)})
+    reference = write_reference(model, held_out, workdir / "reference.npz")
     names = ort_calibration_tensors(model)
     tensors = workdir / "tensors.json"
     tensors.write_text(json.dumps(names))
     nodes = len(onnx.load(str(model)).graph.node)
     LOG.info("model: %d nodes; ONNX Runtime calibrates %d tensors", nodes, len(names))
-    return Prepared(model, tensors, len(names), calib, held_out, reference, nodes)
+    prep = Prepared(model, tensors, len(names), calib, held_out, reference, nodes)
+    prep.accuracy.append(AccuracyModel("transformer", model, calib, held_out, reference, cfg.samples))
+    if cfg.cnn and not cfg.skip_accuracy:
+        cnn = prepare_cnn(workdir)
+        if cnn is not None:
+            prep.accuracy.append(cnn)
+    return prep
 
 
 def common(prep: Prepared) -> dict[str, Any]:
@@ -940,50 +1015,56 @@ def ratio(row: dict[str, Any], ort: ChildOutcome | None, label: str) -> dict[str
 
 
 def bench_accuracy(cfg: BenchConfig, prep: Prepared, runner: Runner, onnxq_ok: bool) -> list[dict[str, Any]]:
-    """Section 2: held-out output SNR of every onnxq and ONNX Runtime calibration method."""
+    """Section 2: held-out output SNR of every onnxq and ONNX Runtime calibration method, per model.
+
+    ONNX Runtime calibrates with ``CalibStridedMinMax`` (one ``collect_data`` per calibration batch; despite
+    its name it applies to every method): its one-pass calibrators do not fit in memory at full size.
+    """
     rows: list[dict[str, Any]] = []
-    base = common(prep)
     b = cfg.calib_batch
-    if onnxq_ok:
-        for method in cfg.onnxq_methods:
-            label = f"{method} {PERCENTILE}" if method == "percentile" else method
+    for am in prep.accuracy:
+        tag = am.name.split()[0].split("-")[0].lower()
+        if onnxq_ok:
+            for method in cfg.onnxq_methods:
+                outcome = runner.run(
+                    f"acc_{tag}_onnxq_{method}", "onnxq_quantize", **am.spec(), method=method, batch_size=b
+                )
+                rows.append(acc_row(am, "onnxq (target tensorrt)", method_label(method), outcome, ""))
+        for method in cfg.ort_methods:
             outcome = runner.run(
-                f"acc_onnxq_{method}",
-                "onnxq_quantize",
-                **base,
-                method=method,
-                samples=cfg.samples,
-                batch_size=b,
+                f"acc_{tag}_ort_{method}", "ort_quantize", **am.spec(), method=method, batch_size=b, stride=b
             )
-            rows.append(acc_row("onnxq (target tensorrt)", label, cfg.samples, outcome, ""))
-    for method in cfg.ort_methods:
-        label = f"{method} {PERCENTILE}" if method == "Percentile" else method
-        outcome = runner.run(
-            f"acc_ort_{method}",
-            "ort_quantize",
-            **base,
-            method=method,
-            samples=cfg.samples,
-            batch_size=b,
-            stride=b,
-        )
-        rows.append(acc_row("ONNX Runtime QDQ", label, cfg.samples, outcome, f"CalibStridedMinMax={b}"))
+            rows.append(
+                acc_row(am, "ONNX Runtime QDQ", method_label(method), outcome, f"CalibStridedMinMax={b}")
+            )
     return rows
 
 
-def acc_row(tool: str, method: str, samples: int, outcome: ChildOutcome, note: str) -> dict[str, Any]:
+def method_label(method: str) -> str:
+    """Method name for the table (percentile methods with their percentile)."""
+    return f"{method} {PERCENTILE}" if method.lower() == "percentile" else method
+
+
+def acc_row(am: AccuracyModel, tool: str, method: str, outcome: ChildOutcome, note: str) -> dict[str, Any]:
     """One row of the accuracy table."""
     return {
+        "model": am.name,
         "tool": tool,
         "method": method,
-        "samples": samples,
+        "samples": am.samples,
         "snr_db": outcome.get("snr_db") if outcome.ok else None,
         "q_nodes": outcome.get("q_nodes"),
         "time_s": outcome.get("calib_s"),
         "peak_rss_mb": outcome.peak_rss_mb,
-        "status": "ok" if outcome.ok else ("OOM" if outcome.oom else "failed: " + outcome.error[:120]),
+        "status": "ok" if outcome.ok else ("OOM" if outcome.oom else "failed: " + first_line(outcome.error)),
         "note": note,
     }
+
+
+def first_line(text: str, limit: int = 120) -> str:
+    """First line of a message, shortened, with table pipes escaped."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:limit].replace("|", "\\|")
 
 
 def max_rel_diff(
@@ -1129,13 +1210,13 @@ def render(
         "",
     ]
     lines += [
-        "| tool | method | calib samples | Q nodes | SNR (dB) | quantize time (s) | peak RSS (MB) | status "
-        "| notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| model | tool | method | calib samples | Q nodes | SNR (dB) | quantize time (s) | peak RSS (MB) "
+        "| status | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in acc:
         lines.append(
-            f"| {r['tool']} | {r['method']} | {r['samples']} | {fmt(r['q_nodes'])} | {fmt(r['snr_db'], 2)} "
+            f"| {r['model']} | {r['tool']} | {r['method']} | {r['samples']} | {fmt(r['q_nodes'])} | {fmt(r['snr_db'], 2)} "
             f"| {fmt(r['time_s'])} | {fmt(r['peak_rss_mb'], 0)} | {r['status']} | {r['note']} |"
         )
     lines += ["", f"## 3. Batch-size invariance (calibration batch 1 vs {cfg.invariance_batch})", ""]
@@ -1198,6 +1279,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-accuracy", action="store_true", help="skip the SNR section")
     p.add_argument("--skip-invariance", action="store_true", help="skip the batch-invariance section")
+    p.add_argument("--no-cnn", action="store_true", help=f"skip the CNN of tools/{CNN_BUILDER_FILE}")
     p.add_argument("--keep-work", action="store_true", help="keep models, data and child logs in OUT/work")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1218,6 +1300,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         out=args.out,
         skip_accuracy=args.skip_accuracy,
         skip_invariance=args.skip_invariance,
+        cnn=not (args.no_cnn or args.quick),
         ort_methods=ORT_METHODS,
         onnxq_methods=ONNXQ_METHODS,
     )

@@ -22,6 +22,7 @@ from onnxq.calibration.methods import CalibrationMethod
 from onnxq.calibration.statistics import AbsHistogram, TensorStats
 from onnxq.formats.base import NumberFormat
 from onnxq.graph.passes import values_by_name
+from onnxq.model_io import clone_model
 from onnxq.runtime import make_session
 
 logger = logging.getLogger(__name__)
@@ -160,13 +161,9 @@ def _progress(data: CalibrationData, label: str, enabled: bool) -> Iterator[dict
             progress.advance(task)
 
 
-def _clone(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def _with_outputs(model: ir.Model, tensors: list[str]) -> ir.Model:
     """A copy of ``model`` whose outputs are exactly ``tensors`` (ORT then frees everything else)."""
-    copy = _clone(model)
+    copy = clone_model(model)
     values = values_by_name(copy.graph)
     copy.graph.outputs.clear()
     copy.graph.outputs.extend(values[t] for t in tensors)
@@ -175,7 +172,7 @@ def _with_outputs(model: ir.Model, tensors: list[str]) -> ir.Model:
 
 def _with_reductions(model: ir.Model, tensors: list[str]) -> tuple[ir.Model, dict[str, tuple[str, ...]]]:
     """A copy of ``model`` that outputs, per tensor, finite min/max, non-finite count and size."""
-    copy = _clone(model)
+    copy = clone_model(model)
     values = values_by_name(copy.graph)
     outputs: dict[str, tuple[str, ...]] = {}
     copy.graph.outputs.clear()

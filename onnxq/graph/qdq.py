@@ -102,6 +102,7 @@ def _quantize_weight(
     stats.weights += 1
     stats.weight_bytes_before += value.const_value.nbytes
     stats.weight_bytes_after += quantized.const_value.nbytes if quantized.const_value is not None else 0
+    del weight  # the last view of a memory-mapped weight: release() below can then unmap it
     _release(value)
 
 

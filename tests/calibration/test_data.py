@@ -240,16 +240,16 @@ def test_callable_returning_same_exhausted_iterator_is_refused() -> None:
 
 def test_feed_that_is_not_a_dict_is_refused() -> None:
     with pytest.raises(OnnxqError) as error:
-        open_calibration_data([samples(2)], x_spec())
+        open_calibration_data([samples(2)], x_spec())  # type: ignore[list-item]
     assert_user_error(error, "feed #0", "not a dict")
-    data = open_calibration_data(lambda: iter([[1, 2]]), x_spec())
+    data = open_calibration_data(lambda: iter([[1, 2]]), x_spec())  # type: ignore[arg-type,return-value]
     with pytest.raises(OnnxqError) as error:
         collect(data)
     assert_user_error(error, "feed #0", "not a dict")
 
 
 def test_callable_returning_non_iterable_is_refused() -> None:
-    data = open_calibration_data(lambda: 42, x_spec())
+    data = open_calibration_data(lambda: 42, x_spec())  # type: ignore[arg-type,return-value]
     with pytest.raises(OnnxqError) as error:
         collect(data)
     assert_user_error(error, "returned int")
@@ -348,12 +348,12 @@ def test_batches_match_plan_for_any_chunking(
     chunks: list[tuple[int, int]], batch_size: int, max_samples: int | None
 ) -> None:
     rng = np.random.default_rng(5)
-    feeds = [
+    feeds: list[dict[str, np.ndarray]] = [
         {"ids": rng.integers(0, 9, (count, seq)), "mask": rng.random((count, seq)).astype(np.float32)}
         for count, seq in chunks
     ]
     total = sum(count for count, _ in chunks)
-    if total == 0 or (max_samples is not None and max_samples <= 0):
+    if total == 0:
         with pytest.raises(OnnxqError):
             open_calibration_data(feeds, SEQ_SPECS, batch_size=batch_size, max_samples=max_samples)
         return

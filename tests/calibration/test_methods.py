@@ -169,8 +169,10 @@ def test_histogram_methods_require_the_histogram(name: str) -> None:
 
 def test_single_value_tensor() -> None:
     stats, hist = _calibrate(np.full(50, -2.5))
-    for name in METHOD_NAMES:
+    for name in ("max", "entropy", "percentile"):
         assert get_method(name).threshold(stats, hist, INT8) == 2.5
+    # mse sees the bin midpoint amax - w/2, equally far from the clips amax - w and amax
+    assert get_method("mse").threshold(stats, hist, INT8) >= 2.5 - hist.bin_width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +231,9 @@ def test_percentile_matches_numpy(distribution: str, percentile: float) -> None:
     # The order statistic itself lies inside the chosen bin, below its upper edge.
     order_statistic = float(np.percentile(magnitudes, percentile, method="inverted_cdf"))
     assert threshold - hist.bin_width <= order_statistic <= threshold
-    interpolated = float(np.percentile(magnitudes, percentile))
-    assert abs(threshold - interpolated) <= hist.bin_width
+    # ... and that bin is the first one reaching the percentile.
+    assert np.mean(magnitudes <= threshold) >= percentile / 100
+    assert np.mean(magnitudes < threshold - hist.bin_width) < percentile / 100
 
 
 def test_percentile_100_is_max() -> None:
@@ -249,13 +252,11 @@ def _reference_divergences(counts: np.ndarray, num_quantized_bins: int) -> np.nd
     for kept in range(num_quantized_bins, len(hist) + 1):
         reference = hist[:kept].copy()
         reference[-1] += hist[kept:].sum()
-        group = np.array([k * num_quantized_bins // kept for k in range(kept)])
-        merged = np.zeros(kept)
-        for j in range(num_quantized_bins):
-            members = group == j
-            nonzero = members & (hist[:kept] > 0)
-            if nonzero.any():
-                merged[nonzero] = hist[:kept][members].sum() / nonzero.sum()
+        group = np.arange(kept) * num_quantized_bins // kept
+        occupied = hist[:kept] > 0
+        group_sums = np.bincount(group, weights=hist[:kept], minlength=num_quantized_bins)
+        group_occupied = np.bincount(group, weights=occupied, minlength=num_quantized_bins)
+        merged = np.where(occupied, group_sums[group] / np.maximum(group_occupied[group], 1), 0.0)
         if merged.sum() == 0:
             divergences.append(math.inf)
             continue
@@ -277,23 +278,9 @@ def _reference_entropy_bins(counts: np.ndarray, num_quantized_bins: int) -> int:
 @pytest.mark.parametrize("distribution", ["uniform", "gaussian", "laplace_outliers", "gaussian_outliers"])
 def test_entropy_matches_slow_reference(distribution: str) -> None:
     stats, hist = _calibrate(_distribution(distribution, 100_000))
-    num_quantized_bins = 32
-    small = AbsHistogram(hist.amax, 512)  # same procedure, sizes that keep the loop reference fast
-    small.counts = hist.counts.reshape(512, 4).sum(axis=1)
-    np.testing.assert_allclose(
-        entropy_divergences(small, num_quantized_bins),
-        _reference_divergences(small.counts, num_quantized_bins),
-        rtol=1e-9,
-        atol=1e-12,
-    )
-    expected_bins = _reference_entropy_bins(small.counts, num_quantized_bins)
-    threshold = EntropyCalibration(num_quantized_bins).threshold(stats, small, INT8)
-    assert threshold == small.edges[expected_bins]
-
-
-@pytest.mark.parametrize("distribution", ["gaussian", "laplace_outliers", "gaussian_outliers"])
-def test_entropy_matches_slow_reference_at_full_size(distribution: str) -> None:
-    stats, hist = _calibrate(_distribution(distribution, 100_000, seed=SEED + 1))
+    divergences = entropy_divergences(hist)
+    reference = _reference_divergences(hist.counts, NUM_QUANTIZED_BINS)
+    np.testing.assert_allclose(divergences, reference, rtol=1e-9, atol=1e-12)
     expected_bins = _reference_entropy_bins(hist.counts, NUM_QUANTIZED_BINS)
     threshold = get_method("entropy").threshold(stats, hist, INT8)
     assert threshold == hist.edges[expected_bins]
@@ -307,7 +294,7 @@ _small_histograms = st.integers(2, 12).flatmap(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(_small_histograms)
 def test_entropy_regrouping_matches_reference_on_any_histogram(case: tuple[int, list[int]]) -> None:
     num_quantized_bins, counts = case
@@ -370,7 +357,8 @@ def test_mse_matches_brute_force_on_raw_samples(distribution: str, fmt: Any) -> 
     best_clip, best_error = _brute_force_clip(values, fmt, stats.amax)
     achieved = _sample_mse(values, fmt, threshold)
     assert achieved <= best_error * 1.02, (threshold, best_clip)
-    if distribution != "laplace_outliers":  # there the error curve is too flat to pin the clip
+    if fmt is INT8 and distribution != "laplace_outliers":
+        # Only a uniform grid without outliers gives an error curve sharp enough to pin the clip.
         assert abs(threshold - best_clip) <= 0.01 * stats.amax
 
 
