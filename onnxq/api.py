@@ -25,6 +25,7 @@ from onnxq.calibration.statistics import TensorStats
 from onnxq.errors import OnnxqError
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
+from onnxq.formats.int8_reduced import Int8ReducedRangeFormat
 from onnxq.graph import passes
 from onnxq.graph.qdq import InsertionStats, insert_qdq
 from onnxq.model_io import DEFAULT_IR_VERSION, load_model, save_model
@@ -156,10 +157,12 @@ def _symmetric(settings: QuantizeOptions) -> bool:
 
 def formats_for(mode: str, plan: Plan, settings: QuantizeOptions) -> tuple[NumberFormat, NumberFormat]:
     """(activation format, weight format): INT8 for ONNX Runtime uses uint8 asymmetric activations."""
-    weight_format = get_format(mode)
-    if mode == "int8" and not _symmetric(settings):
-        return get_format("uint8"), weight_format
-    return weight_format, weight_format
+    rules = load_rule_set(settings.target, settings.patterns)
+    if mode != "int8":
+        return get_format(mode), get_format(mode)
+    weight_format = Int8ReducedRangeFormat() if rules.reduce_weight_range else get_format("int8")
+    activation_format = get_format("int8") if _symmetric(settings) else get_format("uint8")
+    return activation_format, weight_format
 
 
 def _calibrate(

@@ -168,7 +168,7 @@ def run_worker(spec_path: Path) -> int:
     start = time.perf_counter()
     try:
         quantize(job)
-    except Exception as error:  # noqa: BLE001 - any failure is a benchmark result, not a crash
+    except Exception as error:  # any failure is a benchmark result, not a crash
         logging.exception("quantization failed")
         result = {"ok": False, "seconds": time.perf_counter() - start, "error": short_error(error)}
     else:
@@ -249,7 +249,9 @@ def quantize_in_child(job: QuantJob, work_dir: Path, timeout_s: float) -> QuantO
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)]
     start = time.perf_counter()
     code, peak_mb = run_child(command, work_dir / f"{stem}.log", timeout_s)
-    outcome = QuantOutcome(job.model, job.quantizer, job.preset, peak_rss_mb=peak_mb, output_path=job.output_path)
+    outcome = QuantOutcome(
+        job.model, job.quantizer, job.preset, peak_rss_mb=peak_mb, output_path=job.output_path
+    )
     if result_path.exists():
         result = json.loads(result_path.read_text())
         outcome.ok, outcome.seconds, outcome.error = result["ok"], result["seconds"], result["error"]
@@ -317,7 +319,7 @@ def evaluate_outcome(
         outputs = run_model(session, eval_data)
         outcome.snr_db = min(snr_db(reference[name], outputs[name]) for name in reference)
         outcome.latency_ms = median_latency_ms(session, latency_feeds(eval_data, batch), runs)
-    except Exception as error:  # noqa: BLE001 - a model ORT cannot run is a benchmark result
+    except Exception as error:  # a model ORT cannot run is a benchmark result
         outcome.eval_error = short_error(error)
     LOG.info(
         "  %s: SNR %s dB, latency %s ms",
@@ -327,7 +329,9 @@ def evaluate_outcome(
     )
 
 
-def benchmark_model(bench_model: Any, out_dir: Path, quantizers: tuple[str, ...], timeout_s: float) -> ModelReport:
+def benchmark_model(
+    bench_model: Any, out_dir: Path, quantizers: tuple[str, ...], timeout_s: float
+) -> ModelReport:
     """Quantize one model with every quantizer and preset, then evaluate everything."""
     from bench_models import model_size_bytes
 
@@ -430,7 +434,17 @@ def _outcome_row(report: ModelReport, outcome: QuantOutcome) -> list[str]:
             time_ratio = _ratio(outcome.seconds, peer.seconds if peer.ok else None)
             rss_ratio = _ratio(outcome.peak_rss_mb, peer.peak_rss_mb if peer.ok else None)
     if not outcome.ok:
-        return [report.name, label, f"FAILED: {outcome.error}", "-", _fmt(outcome.peak_rss_mb, 0), "-", "-", "-", "-"]
+        return [
+            report.name,
+            label,
+            f"FAILED: {outcome.error}",
+            "-",
+            _fmt(outcome.peak_rss_mb, 0),
+            "-",
+            "-",
+            "-",
+            "-",
+        ]
     snr = f"ORT load/run failed: {outcome.eval_error}" if outcome.eval_error else _fmt(outcome.snr_db, 1)
     speedup = _ratio(report.fp32_latency_ms, outcome.latency_ms)
     return [
@@ -492,8 +506,9 @@ def report_notes(reports: list[ModelReport]) -> list[str]:
     """Explanations printed under the table."""
     batches = ", ".join(f"{report.name} batch {report.latency_batch}" for report in reports)
     return [
-        f"Latency: ONNX Runtime {_ort_version()} CPU EP, {os.cpu_count()} cores, median of {LATENCY_RUNS} runs "
-        f"({BIG_LATENCY_RUNS} for the big model) after {LATENCY_WARMUP} warm-up runs; {batches}.",
+        f"Latency: ONNX Runtime {_ort_version()} CPU EP, {os.cpu_count()} cores, "
+        f"median of {LATENCY_RUNS} runs ({BIG_LATENCY_RUNS} for the big model) "
+        f"after {LATENCY_WARMUP} warm-up runs; {batches}.",
         "SNR: 10 log10(sum ref^2 / sum (ref - q)^2) of the output on the held-out eval set (worst output).",
         "Quantize time is measured inside each worker process around the quantize call; peak RSS is the "
         "worker's VmHWM (its own high-water RSS: interpreter and imports included for both quantizers; "
@@ -527,27 +542,46 @@ def build_models(model_dir: Path, names: list[str], rebuild: bool) -> list[Any]:
             paths_exist = all(Path(info[key]).exists() for key in ("model_path", "calib_path", "eval_path"))
             if paths_exist:
                 LOG.info("%s: reusing %s", name, info["model_path"])
-                models.append(bench_models.BenchModel(**{k: Path(v) if k.endswith("_path") else v for k, v in info.items()}))
+                models.append(
+                    bench_models.BenchModel(
+                        **{k: Path(v) if k.endswith("_path") else v for k, v in info.items()}
+                    )
+                )
                 continue
         LOG.info("%s: building", name)
         start = time.perf_counter()
         bench_model = bench_models.BUILDERS[name](model_dir)
         LOG.info("%s: built in %.1f s", name, time.perf_counter() - start)
-        marker.write_text(json.dumps({key: str(value) if isinstance(value, Path) else value for key, value in asdict(bench_model).items()}))
+        marker.write_text(
+            json.dumps(
+                {
+                    key: str(value) if isinstance(value, Path) else value
+                    for key, value in asdict(bench_model).items()
+                }
+            )
+        )
         models.append(bench_model)
     return models
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="output directory (default: out/bench)")
-    parser.add_argument("--skip-big", action="store_true", help="skip the > 2 GB model")
-    parser.add_argument(
-        "--models", default=",".join(SMALL_MODELS), help="comma-separated small models (default: resnet,vit,bert)"
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quantizers", default=",".join(QUANTIZERS), help="comma-separated subset of onnxq,ort (default: both)"
+        "--out", type=Path, default=Path("out/bench"), help="output directory (default: out/bench)"
+    )
+    parser.add_argument("--skip-big", action="store_true", help="skip the > 2 GB model")
+    parser.add_argument(
+        "--models",
+        default=",".join(SMALL_MODELS),
+        help="comma-separated small models (default: resnet,vit,bert)",
+    )
+    parser.add_argument(
+        "--quantizers",
+        default=",".join(QUANTIZERS),
+        help="comma-separated subset of onnxq,ort (default: both)",
     )
     parser.add_argument("--rebuild", action="store_true", help="re-export the models even if they exist")
     parser.add_argument("--timeout", type=float, default=WORKER_TIMEOUT_S, help="seconds per quantization")

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,6 @@ DEFAULT_SAMPLES = 256
 QUICK_SAMPLES = 16
 DEFAULT_EVAL_SAMPLES = 32
 QUICK_EVAL_SAMPLES = 8
-INVARIANCE_BATCH = 32
 DEFAULT_CALIB_BATCH = 32
 EVAL_BATCH = 8
 MIN_FALLBACK_SAMPLES = 8
@@ -111,6 +111,7 @@ OOM_MARKERS = (
 )
 LOG_TAIL_CHARS = 1500
 CNN_BUILDER_FILE = "bench_models.py"
+CHILD_SCRIPT = "bench_calib_child.py"
 
 
 # ======================================================================================================
@@ -657,6 +658,7 @@ class ChildOutcome:
     payload: dict[str, Any]
     error: str = ""
     oom: bool = False
+    mem_limit_gb: float = 0.0
 
     def get(self, key: str, default: Any = None) -> Any:
         """A field of the child's result payload."""
@@ -670,6 +672,9 @@ class Runner:
         self.workdir = workdir
         self.mem_limit_bytes = int(mem_limit_gb * GIB)
         self.timeout_s = timeout_s
+        # Children run a frozen copy of this script, so editing it during a run cannot mix versions.
+        self.script = workdir / CHILD_SCRIPT
+        shutil.copyfile(Path(__file__).resolve(), self.script)
 
     def _limit(self) -> None:
         """``preexec_fn``: cap the child's address space so over-allocation raises instead of OOM-killing."""
@@ -691,7 +696,7 @@ class Runner:
         t0 = time.perf_counter()
         with log_path.open("w") as log:
             proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                [sys.executable, str(self.script), "--child", str(spec_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=self._limit,
@@ -722,30 +727,25 @@ class Runner:
         self, name: str, status: int, peak: float, wall: float, result_path: Path, log_path: Path
     ) -> ChildOutcome:
         """Combine the child's result file (if any) with the parent's measurements."""
+        limit_gb = self.mem_limit_bytes / GIB
         if result_path.exists():
             payload = json.loads(result_path.read_text())
-            outcome = ChildOutcome(
-                name,
-                bool(payload.get("ok")),
-                peak,
-                wall,
-                payload,
-                payload.get("error", ""),
-                payload.get("oom", False),
-            )
+            ok, error, oom = bool(payload.get("ok")), payload.get("error", ""), bool(payload.get("oom"))
         else:
-            tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-            reason = f"child exited with status {status}" + (" (killed)" if status < 0 else "")
-            outcome = ChildOutcome(
-                name, False, peak, wall, {}, f"{reason}: {tail.strip()[-300:]}", is_oom(tail)
+            tail = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:].strip()
+            timed_out = wall >= self.timeout_s
+            reason = (
+                f"timed out after {self.timeout_s:.0f} s"
+                if timed_out
+                else f"child exited with status {status}"
             )
-            outcome.oom = outcome.oom or status == -signal.SIGKILL
-        if outcome.ok:
+            payload, ok, error = {}, False, f"{reason}: {tail[-300:]}"
+            oom = not timed_out and (is_oom(tail) or status == -signal.SIGKILL)
+        outcome = ChildOutcome(name, ok, peak, wall, payload, error, oom, limit_gb)
+        if ok:
             LOG.info("  done in %.1f s, peak RSS %.0f MB", wall, peak)
         else:
-            LOG.warning(
-                "  FAILED in %.1f s (peak RSS %.0f MB): %s", wall, peak, outcome.error.splitlines()[0][:200]
-            )
+            LOG.warning("  FAILED in %.1f s (peak RSS %.0f MB): %s", wall, peak, first_line(error, 200))
         return outcome
 
 
@@ -757,7 +757,6 @@ class BenchConfig:
     samples: int
     eval_samples: int
     calib_batch: int
-    invariance_batch: int
     mem_limit_gb: float
     out: Path
     skip_accuracy: bool
@@ -986,9 +985,15 @@ def bench_memory(cfg: BenchConfig, prep: Prepared, runner: Runner, onnxq_ok: boo
 
 def mem_row(tool: str, samples: int, batch: int, outcome: ChildOutcome) -> dict[str, Any]:
     """One row of the memory/time table."""
-    status = "ok" if outcome.ok else ("OOM" if outcome.oom else "failed")
-    if not outcome.ok:
-        status += f" ({outcome.error.splitlines()[0][:90]})" if outcome.error else ""
+    if outcome.ok:
+        status = "ok"
+    elif outcome.oom:
+        status = (
+            f"**out of memory** after {outcome.wall_s:.0f} s (cap {outcome.mem_limit_gb:g} GB): "
+            f"{first_line(outcome.error, 70)}"
+        )
+    else:
+        status = f"failed: {first_line(outcome.error, 90)}"
     return {
         "tool": tool,
         "samples": samples,
@@ -1216,10 +1221,11 @@ def render(
     ]
     for r in acc:
         lines.append(
-            f"| {r['model']} | {r['tool']} | {r['method']} | {r['samples']} | {fmt(r['q_nodes'])} | {fmt(r['snr_db'], 2)} "
-            f"| {fmt(r['time_s'])} | {fmt(r['peak_rss_mb'], 0)} | {r['status']} | {r['note']} |"
+            f"| {r['model']} | {r['tool']} | {r['method']} | {r['samples']} | {fmt(r['q_nodes'])} "
+            f"| {fmt(r['snr_db'], 2)} | {fmt(r['time_s'])} | {fmt(r['peak_rss_mb'], 0)} | {r['status']} "
+            f"| {r['note']} |"
         )
-    lines += ["", f"## 3. Batch-size invariance (calibration batch 1 vs {cfg.invariance_batch})", ""]
+    lines += ["", f"## 3. Batch-size invariance (calibration batch 1 vs {cfg.calib_batch})", ""]
     lines += [
         "| calibrator | samples | batches | tensors | bit-identical | max relative range difference "
         "| status |",
@@ -1295,7 +1301,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         samples=samples,
         eval_samples=eval_samples,
         calib_batch=min(args.calib_batch, samples),
-        invariance_batch=min(INVARIANCE_BATCH, samples),
         mem_limit_gb=args.mem_limit_gb,
         out=args.out,
         skip_accuracy=args.skip_accuracy,
@@ -1338,9 +1343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report)
     LOG.info("wrote %s", cfg.out / "bench_calib.md")
     if not args.keep_work:
-        for path in sorted(workdir.iterdir()):
-            if path.is_file():
-                path.unlink()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -40,13 +40,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
 LOG = logging.getLogger("bench_models")
 
@@ -120,7 +121,9 @@ def make_images(count: int, seed: int) -> np.ndarray:
     """Smooth random images of shape (count, 3, 64, 64), float32, roughly zero mean and unit std."""
     generator = torch.Generator().manual_seed(seed)
     coarse = torch.randn(count, IMAGE_CHANNELS, IMAGE_NOISE_RES, IMAGE_NOISE_RES, generator=generator)
-    images = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = functional.interpolate(
+        coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
     images = images + IMAGE_PIXEL_NOISE * torch.randn(images.shape, generator=generator)
     images = (images - images.mean()) / images.std()
     return images.numpy().astype(np.float32)
@@ -169,9 +172,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual forward pass."""
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = functional.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return functional.relu(out + self.shortcut(x))
 
 
 class ResNetSmall(nn.Module):
@@ -270,7 +273,9 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attn = SelfAttention(BERT_HIDDEN, BERT_HEADS)
         self.norm1 = nn.LayerNorm(BERT_HIDDEN)
-        self.ffn = nn.Sequential(nn.Linear(BERT_HIDDEN, BERT_FFN), nn.GELU(), nn.Linear(BERT_FFN, BERT_HIDDEN))
+        self.ffn = nn.Sequential(
+            nn.Linear(BERT_HIDDEN, BERT_FFN), nn.GELU(), nn.Linear(BERT_FFN, BERT_HIDDEN)
+        )
         self.norm2 = nn.LayerNorm(BERT_HIDDEN)
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
@@ -432,7 +437,7 @@ def _external_tensor(name: str, dims: list[int], location: str, offset: int, len
     return tensor
 
 
-def _write_aligned(handle, array: np.ndarray) -> tuple[int, int]:  # noqa: ANN001 - binary file handle
+def _write_aligned(handle: BinaryIO, array: np.ndarray) -> tuple[int, int]:
     """Pad the file to ``BIG_ALIGNMENT``, write ``array`` and return (offset, length)."""
     offset = handle.tell()
     padding = (-offset) % BIG_ALIGNMENT
@@ -574,7 +579,9 @@ BUILDERS: dict[str, Callable[[Path], BenchModel]] = {
 
 def main() -> int:
     """Build the requested models, run them in ONNX Runtime and print their operator lists."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench/models"), help="output directory")
     parser.add_argument(
         "--models",
@@ -591,7 +598,9 @@ def main() -> int:
         shapes = {key: value.shape for key, value in outputs.items()}
         finite = all(np.isfinite(value).all() for value in outputs.values())
         size_mb = model_size_bytes(bench_model.model_path) / 1e6
-        LOG.info("%s: built in %.1f s, %.1f MB, ORT outputs %s, finite=%s", name, seconds, size_mb, shapes, finite)
+        LOG.info(
+            "%s: built in %.1f s, %.1f MB, ORT outputs %s, finite=%s", name, seconds, size_mb, shapes, finite
+        )
         print(f"{name} ops: {dict(sorted(op_histogram(bench_model.model_path).items()))}")
         if name == "bert":
             masked = find_masked_softmax(onnx.load(str(bench_model.model_path)))

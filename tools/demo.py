@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.nn import functional
 
 LOG = logging.getLogger("demo")
 
@@ -111,16 +111,18 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits."""
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        x = functional.max_pool2d(functional.relu(self.conv1(x)), 2)
+        x = functional.max_pool2d(functional.relu(self.conv2(x)), 2)
+        return self.fc2(functional.relu(self.fc1(x.flatten(1))))
 
 
 def load_splits() -> Splits:
     """Digits upsampled to 16x16 and scaled to [0, 1], split with a fixed seed (stratified)."""
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / DIGITS_MAX_VALUE)[:, None]
-    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = functional.interpolate(
+        images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
     x_train, x_test, y_train, y_test = train_test_split(
         images.numpy(),
         digits.target.astype(np.int64),
@@ -146,7 +148,7 @@ def train(splits: Splits) -> DigitsCNN:
         for start in range(0, len(order), BATCH_SIZE):
             index = order[start : start + BATCH_SIZE]
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x_train[index]), y_train[index])
+            loss = functional.cross_entropy(model(x_train[index]), y_train[index])
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(index)
@@ -194,10 +196,14 @@ def quantize_with_cli(model_path: Path, calib_path: Path, variant: Variant, out_
     ]  # fmt: skip
     LOG.info("running: %s", " ".join(command))
     start = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT_S, check=False)
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT_S, check=False
+    )
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
-        raise RuntimeError(f"onnxq quantize ({variant.label}) failed:\n{completed.stdout}\n{completed.stderr}")
+        raise RuntimeError(
+            f"onnxq quantize ({variant.label}) failed:\n{completed.stdout}\n{completed.stderr}"
+        )
     print(completed.stdout.rstrip())
     return seconds
 
@@ -236,7 +242,14 @@ def output_snr_db(reference: Path, quantized: Path, data: Path) -> float:
 
 def format_table(rows: list[Row]) -> str:
     """Markdown table of the results."""
-    header = ["model", "test acc (%)", "SNR vs FP32 (dB)", "size (KB)", "quantize (s)", "ORT latency (ms/batch)"]
+    header = [
+        "model",
+        "test acc (%)",
+        "SNR vs FP32 (dB)",
+        "size (KB)",
+        "quantize (s)",
+        "ORT latency (ms/batch)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
@@ -289,7 +302,9 @@ def run(out_dir: Path) -> int:
         rows.append(row)
         drop = reference.accuracy - row.accuracy
         if drop > MAX_ACCURACY_DROP_POINTS:
-            failures.append(f"{variant.label}: accuracy dropped {drop:.2f} points (> {MAX_ACCURACY_DROP_POINTS})")
+            failures.append(
+                f"{variant.label}: accuracy dropped {drop:.2f} points (> {MAX_ACCURACY_DROP_POINTS})"
+            )
     table = format_table(rows)
     print(table)
     (out_dir / "demo.md").write_text(table + "\n")
@@ -302,8 +317,12 @@ def run(out_dir: Path) -> int:
 
 def main() -> int:
     """Parse arguments and run the demo."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default: out/demo)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="output directory (default: out/demo)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args()
     logging.basicConfig(

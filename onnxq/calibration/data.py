@@ -7,7 +7,7 @@
 * a directory of ``.npz`` files and/or ``.npy`` files (``.npy`` only for single-input models), read
   in file-name order. Each file holds one sample (without the batch axis) or several (with it);
   files may differ in the dynamic dimensions (e.g. sequence length);
-* a ``dict`` of arrays (the in-memory form of an ``.npz``);
+* a ``dict`` of arrays (the in-memory form of an ``.npz``), or one array for a single-input model;
 * a ``list``/``tuple`` of feed dicts ``{input_name: array}``, each a batch (first axis = batch);
 * a callable returning a fresh iterable of feed dicts on every call (the way to stream data that
   is produced on the fly);
@@ -22,7 +22,14 @@ unpickling runs arbitrary code. Object arrays and pickle files are refused with 
 Files are read lazily, one file (or, for a single ``.npz``, one array per input) at a time, so memory
 does not grow with the number of files. ``CalibrationData.batches()`` re-slices the samples into
 batches of ``batch_size`` without changing which samples are used or their order, so statistics
-computed over the batches do not depend on the batch size.
+computed over the batches do not depend on the batch size. The one exception is a model with a
+static batch dimension B > 1: a partial batch cannot run, so the samples left over where the shape
+changes or the data ends are dropped (with a warning).
+
+Validation (each failure an ``OnnxqError`` naming the input): every model input present (other keys
+are ignored and logged), rank and static dimensions as in the model, one sample count per chunk, no
+NaN/Inf. dtypes are cast within a kind (float64 -> float32, int32 -> int64; logged once per input,
+integer overflow refused); across kinds (int <-> float, bool) they are refused.
 """
 
 from __future__ import annotations
@@ -182,6 +189,17 @@ def _dtype_family(dtype: np.dtype[Any]) -> str:
 # validation and conversion
 
 
+def _as_array(value: Any, name: str, origin: str) -> NDArray:
+    """Accept anything numpy can turn into a regular array (lists, CPU tensors); explain the rest."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise OnnxqError(
+            f"{origin}: the data for input '{name}' cannot be converted to a numpy array ({error})",
+            f"pass a regular numpy array for '{name}' (same length along each axis, on the CPU)",
+        ) from error
+
+
 class _Validator:
     """Checks arrays against the model's inputs and converts them; logs each notice only once."""
 
@@ -288,7 +306,9 @@ class _Validator:
 
     def _arrays_and_info(self, raw: _RawChunk) -> tuple[dict[str, NDArray], _ChunkInfo]:
         """The model inputs' arrays of one in-memory chunk, and its validated samples and shapes."""
-        arrays = {name: np.asarray(raw.arrays[name]) for name in self.names if name in raw.arrays}
+        arrays = {
+            name: _as_array(raw.arrays[name], name, raw.origin) for name in self.names if name in raw.arrays
+        }
         extras = [str(key) for key in raw.arrays if key not in arrays]
         layouts = {name: _Layout(tuple(array.shape), array.dtype) for name, array in arrays.items()}
         return arrays, self.check_layout(layouts, extras, raw.origin, raw.unbatched_ok)

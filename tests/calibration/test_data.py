@@ -248,6 +248,17 @@ def test_feed_that_is_not_a_dict_is_refused() -> None:
     assert_user_error(error, "feed #0", "not a dict")
 
 
+def test_ragged_lists_are_refused() -> None:
+    with pytest.raises(OnnxqError) as error:
+        open_calibration_data({"x": [[1.0, 2.0, 3.0], [1.0]]}, x_spec())
+    assert_user_error(error, "'x'", "cannot be converted")
+
+
+def test_nested_lists_are_accepted() -> None:
+    data = open_calibration_data({"x": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]}, x_spec())
+    np.testing.assert_array_equal(collect(data), np.arange(1, 7, dtype=np.float32).reshape(2, 3))
+
+
 def test_callable_returning_non_iterable_is_refused() -> None:
     data = open_calibration_data(lambda: 42, x_spec())  # type: ignore[arg-type,return-value]
     with pytest.raises(OnnxqError) as error:

@@ -103,7 +103,7 @@ def test_negative_zero_is_canonical() -> None:
     "dtype", [np.float16, np.float32, np.float64, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, np.int32]
 )
 def test_stats_of_any_numeric_dtype(dtype: type) -> None:
-    values = np.array([-3.0, 0.0, 2.0, 1.0]).astype(dtype)
+    values: np.ndarray = np.array([-3.0, 0.0, 2.0, 1.0]).astype(dtype)
     stats = TensorStats.of(values)
     assert (stats.low, stats.high, stats.count, stats.nonfinite) == (-3.0, 2.0, 4, 0)
     hist = AbsHistogram.for_stats(stats, num_bins=6)

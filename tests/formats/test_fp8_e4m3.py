@@ -132,7 +132,7 @@ def test_weight_params_per_channel() -> None:
     params = FP8.weight_params(w, axis=-2)
     assert params.axis == 0
     assert params.zero_point.dtype == E4M3 and params.zero_point.shape == (3,)
-    np.testing.assert_array_equal(params.scale, np.float32([1.0, 1.0, 3.5 / 448]))
+    np.testing.assert_array_equal(params.scale, np.array([1.0, 1.0, 3.5 / 448], np.float32))
     assert FP8.quantize(w, params).astype(np.float32).tolist() == [[1.0, -448.0], [0.0, 0.0], [256.0, 448.0]]
 
 

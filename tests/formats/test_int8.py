@@ -89,7 +89,7 @@ def test_weight_params_per_channel_scale_is_amax_over_127() -> None:
     params = INT8.weight_params(w, axis=0)
     assert params.axis == 0
     assert params.scale.dtype == np.float32 and params.zero_point.dtype == np.int8
-    np.testing.assert_array_equal(params.scale, np.float32([2 / 127, 1.0, 1.0]))
+    np.testing.assert_array_equal(params.scale, np.array([2 / 127, 1.0, 1.0], np.float32))
     np.testing.assert_array_equal(params.zero_point, [0, 0, 0])
 
 

@@ -112,7 +112,7 @@ def test_fake_quantize_matches_quantize_then_dequantize() -> None:
 
 
 def test_per_channel_params_are_honoured() -> None:
-    params = QuantParams(np.float32([1.0, 0.5]), np.array([0, 100], np.uint8), axis=-1)
+    params = QuantParams(np.array([1.0, 0.5], np.float32), np.array([0, 100], np.uint8), axis=-1)
     x = np.array([[1.0, 1.0], [-1.0, -1.0]], np.float32)
     q = UINT8.quantize(x, params)
     assert q.tolist() == [[1, 102], [0, 98]]
