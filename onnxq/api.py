@@ -126,7 +126,10 @@ def _check_output_path(model: Any, output_path: str | os.PathLike[str] | None) -
         return
     output = Path(output_path)
     if isinstance(model, (str, os.PathLike)) and Path(model).resolve() == output.resolve():
-        raise OnnxqError(f"output path {output} is the input model", "choose another -o path; the input is never overwritten")
+        raise OnnxqError(
+            f"output path {output} is the input model",
+            "choose another -o path; the input is never overwritten",
+        )
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxqError(f"output directory {folder} does not exist", "create it or choose another -o path")
@@ -143,12 +146,16 @@ def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
     upgraded = passes.upgrade_opset(model, target_opset)
     passes.clean_up(model)
     passes.infer_shapes(model)
-    logger.info("prepared: %d constants lifted, %d BatchNorm folded, opset upgraded: %s", lifted, folded, upgraded)
+    logger.info(
+        "prepared: %d constants lifted, %d BatchNorm folded, opset upgraded: %s", lifted, folded, upgraded
+    )
 
 
 def _placement(settings: QuantizeOptions) -> PlacementOptions:
     op_types = tuple(settings.op_types) if settings.op_types else None
-    return PlacementOptions(op_types=op_types, exclude_nodes=settings.exclude_nodes, quantize_bmm=settings.quantize_bmm)
+    return PlacementOptions(
+        op_types=op_types, exclude_nodes=settings.exclude_nodes, quantize_bmm=settings.quantize_bmm
+    )
 
 
 def _symmetric(settings: QuantizeOptions) -> bool:
@@ -176,7 +183,9 @@ def _calibrate(
             f"{len(tensors)} activation tensors need calibration data",
             "pass --calib DATA.npz (keys = input names, first axis = samples)",
         )
-    data = open_calibration_data(source, input_specs(model), settings.calib_batch_size, settings.calib_max_samples)
+    data = open_calibration_data(
+        source, input_specs(model), settings.calib_batch_size, settings.calib_max_samples
+    )
     ranges = _cached_or_calibrated(model, tensors, data, fmt, settings)
     _drop_nonfinite(plan, ranges)
     _apply_known_ranges(model, ranges, settings)
@@ -207,7 +216,9 @@ def _cached_or_calibrated(
     return ranges
 
 
-def _cache_identity(model: ir.Model, data: CalibrationData, settings: QuantizeOptions, options: dict[str, Any]) -> dict[str, Any]:
+def _cache_identity(
+    model: ir.Model, data: CalibrationData, settings: QuantizeOptions, options: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "model_hash": model_hash(model),
         "data_fingerprint": data.fingerprint(),
@@ -264,7 +275,9 @@ def activation_parameters(
     for tensor in plan.activation_tensors():
         if tensor not in ranges:
             continue
-        low, high = grouped.get(plan.groups.get(tensor, ""), (ranges[tensor].chosen_low, ranges[tensor].chosen_high))
+        low, high = grouped.get(
+            plan.groups.get(tensor, ""), (ranges[tensor].chosen_low, ranges[tensor].chosen_high)
+        )
         params[tensor] = fmt.activation_params(low, high, symmetric)
     return params
 
@@ -275,7 +288,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
             continue
-        shape = tuple(d if isinstance(d, int) else (str(d) if d is not None else None) for d in (value.shape or []))
+        shape = tuple(
+            d if isinstance(d, int) else (str(d) if d is not None else None) for d in (value.shape or [])
+        )
         dtype = value.dtype.numpy() if value.dtype is not None else None
         specs.append(InputSpec(value.name or "", dtype, shape))  # type: ignore[arg-type]
     return specs

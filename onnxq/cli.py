@@ -44,19 +44,27 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="input .onnx model (never modified)")
     parser.add_argument("--mode", choices=MODES, default="int8")
     parser.add_argument("--calib", help=".npz file (keys = input names, first axis = samples) or a directory")
-    parser.add_argument("--target", choices=TARGETS, default="tensorrt", help="deployment runtime (placement rules)")
+    parser.add_argument(
+        "--target", choices=TARGETS, default="tensorrt", help="deployment runtime (placement rules)"
+    )
     parser.add_argument("--patterns", help="a TOML placement rule set replacing the target's")
     parser.add_argument("--calib-method", default="max", choices=registered_methods())
     parser.add_argument("--percentile", type=float, help="for --calib-method percentile (default 99.99)")
     parser.add_argument("--calib-batch-size", type=int, help="samples per ONNX Runtime run")
     parser.add_argument("--calib-max-samples", type=int, help="use at most this many samples")
-    parser.add_argument("--calib-memory", type=float, default=1024, metavar="MB", help="histogram pass memory budget")
+    parser.add_argument(
+        "--calib-memory", type=float, default=1024, metavar="MB", help="histogram pass memory budget"
+    )
     parser.add_argument("--calib-cache", help="JSON file of calibrated ranges: reused when it matches")
     parser.add_argument("--calib-overrides", help="JSON file {tensor: [low, high]} pinning ranges")
     parser.add_argument("--providers", help="comma-separated execution providers, e.g. cuda,cpu")
-    parser.add_argument("--ort-custom-ops", action="append", default=[], metavar="LIB", help="custom-op library")
+    parser.add_argument(
+        "--ort-custom-ops", action="append", default=[], metavar="LIB", help="custom-op library"
+    )
     parser.add_argument("-o", "--output", help="output path (default: <input stem>.<mode>.onnx beside it)")
-    parser.add_argument("--op-types", help="comma-separated op types to quantize (default: all the rules cover)")
+    parser.add_argument(
+        "--op-types", help="comma-separated op types to quantize (default: all the rules cover)"
+    )
     parser.add_argument("--exclude-nodes", metavar="REGEX", help="leave nodes whose name matches in float")
     parser.add_argument("--no-quantize-bmm", action="store_true", help="leave attention BMMs in float")
     parser.add_argument("--explain", action="store_true", help="print every decision and calibrated range")
@@ -69,12 +77,17 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", help="comma-separated execution providers")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-samples", type=int)
-    parser.add_argument("--min-snr", type=float, metavar="DB", help="fail (exit 1) if an output's SNR is lower")
+    parser.add_argument(
+        "--min-snr", type=float, metavar="DB", help="fail (exit 1) if an output's SNR is lower"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return _run_quantize(args) if args.command == "quantize" else _run_compare(args)
     except OnnxqError as error:
@@ -159,9 +172,13 @@ def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: fl
         table.add_row(f"quantized {op_type}", str(count))
     for reason, count in sorted(skipped.items()):
         table.add_row(f"skipped: {reason}", str(count))
-    table.add_row("Q/DQ tensors", f"{result.insertion.activations} activations, {result.insertion.weights} weights")
+    table.add_row(
+        "Q/DQ tensors", f"{result.insertion.activations} activations, {result.insertion.weights} weights"
+    )
     table.add_row("size", f"{_megabytes(model_file_size(model))} -> {_megabytes(model_file_size(output))}")
-    table.add_row("time", f"{seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()) + ")")
+    table.add_row(
+        "time", f"{seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()) + ")"
+    )
     console.print(table)
 
 
@@ -180,7 +197,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     )
     print_comparison(result)
     if args.min_snr is not None and result.min_snr_db < args.min_snr:
-        error_console.print(f"onnxq: check failed: SNR {result.min_snr_db:.2f} dB < --min-snr {args.min_snr} dB")
+        error_console.print(
+            f"onnxq: check failed: SNR {result.min_snr_db:.2f} dB < --min-snr {args.min_snr} dB"
+        )
         return EXIT_CHECK_FAILED
     return 0
 

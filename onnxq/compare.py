@@ -87,7 +87,9 @@ def compare(
     names = [v.name or "" for v in reference_model.graph.outputs]
     quantized_names = [v.name or "" for v in quantized_model.graph.outputs]
     if names != quantized_names:
-        raise OnnxqError(f"outputs differ: {names} vs {quantized_names}", "compare a model with its own quantized version")
+        raise OnnxqError(
+            f"outputs differ: {names} vs {quantized_names}", "compare a model with its own quantized version"
+        )
     feeds = open_calibration_data(data, input_specs(reference_model), batch_size, max_samples)
     reference_session = make_session(reference_model, providers)
     quantized_session = make_session(quantized_model, providers)

@@ -132,7 +132,12 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     data_name = path.name + ".data" if use_external else None
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
-        ir.save(model, temporary / path.name, external_data=data_name, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+        ir.save(
+            model,
+            temporary / path.name,
+            external_data=data_name,
+            size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+        )
         if data_name:
             os.replace(temporary / data_name, folder / data_name)
         os.replace(temporary / path.name, path)

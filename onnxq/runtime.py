@@ -83,11 +83,15 @@ def has_float8(model: ir.Model) -> bool:
 
 def _register_custom_ops(options: ort.SessionOptions, library: str) -> None:
     if not os.path.isfile(library):
-        raise OnnxqError(f"custom-op library {library} does not exist", "pass the path of the compiled .so/.dll")
+        raise OnnxqError(
+            f"custom-op library {library} does not exist", "pass the path of the compiled .so/.dll"
+        )
     try:
         options.register_custom_ops_library(library)
     except Exception as error:
-        raise OnnxqError(f"cannot load custom-op library {library}: {error}", "check it matches this onnxruntime") from error
+        raise OnnxqError(
+            f"cannot load custom-op library {library}: {error}", "check it matches this onnxruntime"
+        ) from error
 
 
 def _session_error(error: Exception) -> OnnxqError:

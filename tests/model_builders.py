@@ -12,7 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10
 
 
-def weights(rng: np.random.Generator, name: str, shape: Sequence[int], scale: float = 0.1) -> onnx.TensorProto:
+def weights(
+    rng: np.random.Generator, name: str, shape: Sequence[int], scale: float = 0.1
+) -> onnx.TensorProto:
     return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
 

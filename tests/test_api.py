@@ -82,7 +82,9 @@ def test_nonfinite_seen_in_calibration_leaves_tensor_float() -> None:
     """
     model = onnx.parser.parse_model(text)
     rng = np.random.default_rng(0)
-    model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w"))
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w")
+    )
     data = {"x": rng.standard_normal((8, 32)).astype(np.float32), "bias": np.zeros((8, 32), np.float32)}
     result = onnxq.quantize(model, mode="int8", calibration_data=data)
     assert result.plan.quantized_nodes()
@@ -96,12 +98,23 @@ def test_external_data_output_streams_and_runs(tmp_path: Path, monkeypatch: pyte
     """Large models are written with external data; the path is the same one a >2 GB model takes."""
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD_BYTES", 1024)
     source = tmp_path / "big.onnx"
-    onnx.save(model_builders.residual_cnn(), source, save_as_external_data=True, location="big.onnx.data", size_threshold=0)
+    onnx.save(
+        model_builders.residual_cnn(),
+        source,
+        save_as_external_data=True,
+        location="big.onnx.data",
+        size_threshold=0,
+    )
     output = tmp_path / "big.int8.onnx"
     data = model_builders.cnn_inputs(0, 8)
     onnxq.quantize(str(source), mode="int8", calibration_data=data, output_path=output)
     assert (tmp_path / "big.int8.onnx.data").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.int8.onnx", "big.int8.onnx.data", "big.onnx", "big.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "big.int8.onnx",
+        "big.int8.onnx.data",
+        "big.onnx",
+        "big.onnx.data",
+    ]
     model_io.check_model(output)
     assert snr_db(run(model_builders.residual_cnn(), data), run(str(output), data)) > 30
 

@@ -34,7 +34,9 @@ def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
 
 
-def test_quantize_writes_default_output_and_summary(cnn: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_quantize_writes_default_output_and_summary(
+    cnn: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     model, data = cnn
     assert run_cli("quantize", model, "--calib", data) == 0
     output = model.with_name("cnn.int8.onnx")
@@ -43,7 +45,9 @@ def test_quantize_writes_default_output_and_summary(cnn: tuple[Path, Path], caps
     assert "quantized Conv" in printed and "size" in printed and "time" in printed
 
 
-def test_explain_prints_plan_and_ranges(cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_prints_plan_and_ranges(
+    cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model, data = cnn
     assert run_cli("quantize", model, "--calib", data, "--explain", "-o", tmp_path / "q.onnx") == 0
     printed = capsys.readouterr().out
@@ -51,7 +55,9 @@ def test_explain_prints_plan_and_ranges(cnn: tuple[Path, Path], tmp_path: Path, 
     assert "conv1" in printed and "tiny GEMM" in printed
 
 
-def test_same_inputs_give_byte_identical_outputs_and_input_untouched(cnn: tuple[Path, Path], tmp_path: Path) -> None:
+def test_same_inputs_give_byte_identical_outputs_and_input_untouched(
+    cnn: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, data = cnn
     before = sha256(model), sha256(data)
     for name in ("a.onnx", "b.onnx"):
@@ -101,7 +107,9 @@ def test_bad_input_is_one_line_error_and_no_output(
     assert leftovers(tmp_path, before) == set()
 
 
-def test_pickled_data_is_refused_without_unpickling(cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pickled_data_is_refused_without_unpickling(
+    cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model, _ = cnn
     marker = tmp_path / "unpickled"
 
@@ -127,7 +135,9 @@ def test_output_equal_to_input_is_refused(cnn: tuple[Path, Path], capsys: pytest
     assert sha256(model) == before
 
 
-def test_unwritable_output_directory(cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_output_directory(
+    cnn: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model, data = cnn
     assert run_cli("quantize", model, "--calib", data, "-o", tmp_path / "nowhere" / "q.onnx") == 2
     assert "does not exist" in capsys.readouterr().err
@@ -156,7 +166,17 @@ def test_op_that_ort_cannot_run_names_it(tmp_path: Path, capsys: pytest.CaptureF
 def test_console_script_module_entry(cnn: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = cnn
     completed = subprocess.run(
-        [sys.executable, "-m", "onnxq", "quantize", str(model), "--calib", str(data), "-o", str(tmp_path / "q.onnx")],
+        [
+            sys.executable,
+            "-m",
+            "onnxq",
+            "quantize",
+            str(model),
+            "--calib",
+            str(data),
+            "-o",
+            str(tmp_path / "q.onnx"),
+        ],
         capture_output=True,
         text=True,
         check=False,

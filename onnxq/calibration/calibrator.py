@@ -68,7 +68,9 @@ class Calibrator:
     def collect_stats(self) -> tuple[dict[str, TensorStats], dict[str, int]]:
         """Pass 1: per-tensor statistics and the largest element count seen per batch."""
         augmented, outputs = _with_reductions(self.model, self.tensors)
-        session = make_session(augmented, self.settings.providers, self.settings.custom_ops, self.settings.threads)
+        session = make_session(
+            augmented, self.settings.providers, self.settings.custom_ops, self.settings.threads
+        )
         stats: dict[str, TensorStats] = {}
         largest: dict[str, int] = {}
         names = [name for tensor in self.tensors for name in outputs[tensor]]
@@ -86,10 +88,14 @@ class Calibrator:
     ) -> dict[str, AbsHistogram]:
         """Pass 2: fixed-range |x| histograms, tensors grouped to fit the memory limit."""
         histograms = {t: AbsHistogram(stats[t].amax) for t in self.tensors if stats[t].has_data}
-        groups = group_by_size([t for t in self.tensors if t in histograms], largest, self.settings.memory_limit_mb)
+        groups = group_by_size(
+            [t for t in self.tensors if t in histograms], largest, self.settings.memory_limit_mb
+        )
         for index, group in enumerate(groups):
             augmented = _with_outputs(self.model, group)
-            session = make_session(augmented, self.settings.providers, self.settings.custom_ops, self.settings.threads)
+            session = make_session(
+                augmented, self.settings.providers, self.settings.custom_ops, self.settings.threads
+            )
             label = f"calibration pass 2 (histograms{f', group {index + 1}/{len(groups)}' if len(groups) > 1 else ''})"
             for feed in _progress(self.data, label, self.settings.progress):
                 for tensor, array in zip(group, session.run(group, feed)):
@@ -111,7 +117,9 @@ def calibrate(
     histograms = calibrator.collect_histograms(stats, largest) if method.needs_histogram else {}
     ranges = {}
     for tensor in tensors:
-        threshold = method.threshold(stats[tensor], histograms.get(tensor), fmt) if stats[tensor].has_data else 0.0
+        threshold = (
+            method.threshold(stats[tensor], histograms.get(tensor), fmt) if stats[tensor].has_data else 0.0
+        )
         low, high = clip_range(stats[tensor], threshold)
         ranges[tensor] = TensorRange(stats[tensor], low, high, f"calibration ({method.name})")
     return ranges
@@ -208,5 +216,3 @@ def _reduction_nodes(value: ir.Value, prefix: str) -> tuple[list[ir.Node], list[
         add("Size", [x]),
     ]
     return nodes, results
-
-

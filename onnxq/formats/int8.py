@@ -15,8 +15,10 @@ INT8_MAX = 127
 INT8_MIN = -128
 #: scale given to an all-zero range: any positive value maps zeros to code 0 without producing inf/NaN
 ZERO_RANGE_SCALE = 1.0
-#: smallest scale kept as is; a subnormal float32 scale makes ``x / scale`` overflow to inf
+#: smallest scale kept as is; below it (zero, subnormal) ``x / scale`` turns inf or loses precision
 MIN_SCALE = float(np.finfo(np.float32).tiny)
+#: scales, amax and ranges live in float32, so larger bounds are as useless as inf
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def int8_scale(amax: np.ndarray | float) -> np.ndarray:
@@ -50,7 +52,8 @@ def channel_amax(weight: np.ndarray, axis: int | None) -> np.ndarray:
 
 def range_amax(low: float, high: float) -> float:
     """max(|low|, |high|) of a calibrated range, rejecting ranges no finite scale can cover."""
-    if not (np.isfinite(low) and np.isfinite(high)) or low > high:
+    # written so that NaN fails every comparison and lands in the error
+    if not (abs(low) <= FLOAT32_MAX and abs(high) <= FLOAT32_MAX and low <= high):
         raise ValueError(f"calibrated range [{low}, {high}] is not a finite, ordered range")
     return max(abs(float(low)), abs(float(high)))
 

@@ -40,6 +40,9 @@ class Int8ReducedRangeFormat(Int8Format):
         norm_axis = None if axis is None else normalize_axis(axis, np.ndim(weight))
         return QuantParams(int7_scale(amax), np.zeros(amax.shape, np.int8), norm_axis)
 
+    def activation_params(self, low: float, high: float, symmetric: bool) -> QuantParams:
+        raise ValueError("the reduced range is for weights only; activations use 'int8' or 'uint8'")
+
     def quantize(self, x: np.ndarray, params: QuantParams) -> np.ndarray:
         return quantize_integer(x, params, INT7_MIN, INT7_MAX, np.int8)
 

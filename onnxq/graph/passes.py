@@ -78,7 +78,9 @@ def _fold_pair(graph: ir.Graph, conv: ir.Node, batch_norm: ir.Node) -> None:
     conv_bias = _array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
     new_weight = (weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
     new_bias = ((conv_bias - mean) * factor + bias).astype(weight.dtype)
-    weight_value = _new_initializer(graph, f"{conv.name or conv.outputs[0].name}_bn_folded_weight", new_weight)
+    weight_value = _new_initializer(
+        graph, f"{conv.name or conv.outputs[0].name}_bn_folded_weight", new_weight
+    )
     bias_value = _new_initializer(graph, f"{conv.name or conv.outputs[0].name}_bn_folded_bias", new_bias)
     conv.replace_input_with(1, weight_value)
     if len(conv.inputs) > 2:
@@ -97,7 +99,9 @@ def _array(value: ir.Value | None) -> np.ndarray:
 
 def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     name = unique_name(graph, name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    )
     value.const_value = ir.tensor(array, name=name)
     graph.register_initializer(value)
     return value
@@ -139,18 +143,29 @@ def upgrade_opset(model: ir.Model, target: int) -> bool:
     current = default_opset(model)
     if current >= target:
         return False
-    changed_ops = sorted({n.op_type for n in model.graph if n.domain in DEFAULT_DOMAINS and _schema_changes(n.op_type, current, target)})
+    changed_ops = sorted(
+        {
+            n.op_type
+            for n in model.graph
+            if n.domain in DEFAULT_DOMAINS and _schema_changes(n.op_type, current, target)
+        }
+    )
     if not changed_ops:
         model.opset_imports[""] = target
         return True
-    logger.info("converting opset %d -> %d (ops with new schemas: %s)", current, target, ", ".join(changed_ops))
+    logger.info(
+        "converting opset %d -> %d (ops with new schemas: %s)", current, target, ", ".join(changed_ops)
+    )
     _convert_with_onnx(model, target, changed_ops)
     return True
 
 
 def _schema_changes(op_type: str, old: int, new: int) -> bool:
     try:
-        return onnx.defs.get_schema(op_type, old).since_version != onnx.defs.get_schema(op_type, new).since_version
+        return (
+            onnx.defs.get_schema(op_type, old).since_version
+            != onnx.defs.get_schema(op_type, new).since_version
+        )
     except onnx.defs.SchemaError:
         return True
 
@@ -163,8 +178,14 @@ def _convert_with_onnx(model: ir.Model, target: int, changed_ops: list[str]) -> 
             f"cannot upgrade the model from opset {default_opset(model)} to {target} (ops {', '.join(changed_ops)}): {error}",
             f"re-export the model at opset >= {target}",
         ) from error
-    new_model = ir.serde.deserialize_model(converted)
-    model.graph = new_model.graph  # type: ignore[misc]
+    folders = {
+        v.const_value.base_dir
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    model.graph = ir.serde.deserialize_model(converted).graph
+    if len(folders) == 1:  # external weights stay where they were
+        ir.external_data.set_base_dir(model.graph, folders.pop())
     model.opset_imports[""] = target
     lift_constant_nodes(model)
 

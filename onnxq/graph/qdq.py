@@ -49,27 +49,39 @@ def insert_qdq(
     return stats
 
 
-def _consumers(value: ir.Value, tensor: QuantizedTensor, nodes: dict[str | None, ir.Node]) -> list[tuple[ir.Node, int]]:
+def _consumers(
+    value: ir.Value, tensor: QuantizedTensor, nodes: dict[str | None, ir.Node]
+) -> list[tuple[ir.Node, int]]:
     if tensor.all_consumers:
         return [(use.node, use.idx) for use in value.uses()]
-    return sorted(((nodes[name], index) for name, index in tensor.consumers), key=lambda c: (c[0].name or "", c[1]))
+    return sorted(
+        ((nodes[name], index) for name, index in tensor.consumers), key=lambda c: (c[0].name or "", c[1])
+    )
 
 
 def _quantize_activation(
-    graph: ir.Graph, value: ir.Value, consumers: list[tuple[ir.Node, int]], params: QuantParams, fmt: NumberFormat
+    graph: ir.Graph,
+    value: ir.Value,
+    consumers: list[tuple[ir.Node, int]],
+    params: QuantParams,
+    fmt: NumberFormat,
 ) -> None:
     base = value.name or "tensor"
     scale = _constant(graph, f"{base}_scale", params.scale.astype(_float_dtype(value)))
     zero_point = _constant(graph, f"{base}_zero_point", params.zero_point.astype(fmt.numpy_dtype))
-    quantize = ir.node("QuantizeLinear", [value, scale, zero_point], name=unique_name(graph, f"{base}_QuantizeLinear"))
+    quantize = ir.node(
+        "QuantizeLinear", [value, scale, zero_point], name=unique_name(graph, f"{base}_QuantizeLinear")
+    )
     quantize.outputs[0].name = unique_name(graph, f"{base}_quantized")
     dequantize = ir.node(
-        "DequantizeLinear", [quantize.outputs[0], scale, zero_point], name=unique_name(graph, f"{base}_DequantizeLinear")
+        "DequantizeLinear",
+        [quantize.outputs[0], scale, zero_point],
+        name=unique_name(graph, f"{base}_DequantizeLinear"),
     )
     dequantized = dequantize.outputs[0]
     dequantized.name = unique_name(graph, f"{base}_dequantized")
-    dequantized.dtype, dequantized.shape = value.dtype, value.shape
-    quantize.outputs[0].dtype, quantize.outputs[0].shape = fmt.onnx_dtype, value.shape
+    dequantized.type, dequantized.shape = value.type, value.shape
+    quantize.outputs[0].type, quantize.outputs[0].shape = ir.TensorType(fmt.onnx_dtype), value.shape
     _insert_after_producer(graph, value, [quantize, dequantize])
     for node, index in consumers:
         node.replace_input_with(index, dequantized)
@@ -95,7 +107,7 @@ def _quantize_weight(
         name=unique_name(graph, f"{value.name}_DequantizeLinear"),
     )  # fmt: skip
     dequantize.outputs[0].name = unique_name(graph, f"{value.name}_dequantized")
-    dequantize.outputs[0].dtype, dequantize.outputs[0].shape = value.dtype, value.shape
+    dequantize.outputs[0].type, dequantize.outputs[0].shape = value.type, value.shape
     graph.insert_before(consumers[0][0], dequantize)
     for node, index in consumers:
         node.replace_input_with(index, dequantize.outputs[0])
@@ -118,7 +130,9 @@ def _release(value: ir.Value) -> None:
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     name = unique_name(graph, name)
     tensor = ir.tensor(np.array(array, order="C"), name=name)  # ascontiguousarray would make 0-d arrays 1-d
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value
 
@@ -133,4 +147,3 @@ def _insert_after_producer(graph: ir.Graph, value: ir.Value, new_nodes: list[ir.
         graph.insert_after(producer, new_nodes)
     else:
         graph.insert_before(next(iter(graph)), new_nodes)
-

@@ -19,7 +19,12 @@ FINITE_OUTPUT_OPS = frozenset(
 
 def constant_is_nonfinite(value: ir.Value) -> bool:
     tensor = value.const_value
-    if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
+    if tensor is None or tensor.dtype not in (
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+    ):
         return False
     if tensor.size > 1 << 16:  # weights: checking every big tensor costs I/O; masks are small constants
         return False
@@ -32,14 +37,22 @@ def find_infinite_tensors(graph: ir.Graph) -> dict[str, str]:
     Cases: a non-finite constant (initializer or Constant node); any op consuming such a tensor,
     except those in ``FINITE_OUTPUT_OPS`` (Softmax of masked scores is finite again).
     """
-    infinite = {v.name: "constant holds inf/NaN" for v in graph.initializers.values() if v.name and constant_is_nonfinite(v)}
+    infinite = {
+        v.name: "constant holds inf/NaN"
+        for v in graph.initializers.values()
+        if v.name and constant_is_nonfinite(v)
+    }
     for node in graph:
         if node.op_type == "Constant":
             infinite.update(_constant_node(node))
             continue
         sources = [v.name for v in node.inputs if v is not None and v.name in infinite]
         if sources and node.op_type not in FINITE_OUTPUT_OPS:
-            why = f"from {sources[0]} via {node.op_type}" if not infinite[sources[0]].startswith("from ") else infinite[sources[0]]
+            why = (
+                f"from {sources[0]} via {node.op_type}"
+                if not infinite[sources[0]].startswith("from ")
+                else infinite[sources[0]]
+            )
             infinite.update({out.name: why for out in node.outputs if out.name})
     return infinite
 

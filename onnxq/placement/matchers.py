@@ -90,7 +90,7 @@ def match_weighted(node: ir.Node, rule: Rule, context: Context) -> Match:
 
 
 def _size_problem(node: ir.Node, weight: ir.Value, rule: Rule) -> Skip | None:
-    shape = list(weight.const_value.shape) if weight.const_value is not None else []
+    shape = _constant_shape(weight)
     if node.op_type in ("Conv", "ConvTranspose") and len(shape) >= 2:
         return _channel_problem(node, shape, int(rule.get("min_channels", 1)))
     if node.op_type == "Gemm" and len(shape) == 2:
@@ -113,7 +113,11 @@ def _gemm_problem(node: ir.Node, shape: list[int], minimum: int) -> Skip | None:
     transposed = node.attributes.get_int("transB", 0) == 1
     n, k = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
     activation_dims = _static_dims(node.inputs[0])
-    m = activation_dims[1 if node.attributes.get_int("transA", 0) else 0] if len(activation_dims) == 2 else None
+    m = (
+        activation_dims[1 if node.attributes.get_int("transA", 0) else 0]
+        if len(activation_dims) == 2
+        else None
+    )
     return _gemm_size_problem(m, k, n, minimum)
 
 
@@ -123,6 +127,11 @@ def _gemm_size_problem(m: int | None, k: int, n: int, minimum: int) -> Skip | No
     if k < minimum or n < minimum:
         return Skip(f"tiny GEMM (K={k}, N={n} < {minimum})", "gemv/tiny")
     return None
+
+
+def _constant_shape(value: ir.Value) -> list[int]:
+    """A constant's shape (always static)."""
+    return list(value.const_value.shape.numpy()) if value.const_value is not None else []
 
 
 def _weight_axis(node: ir.Node, weight: ir.Value, rule: Rule) -> int | None:
@@ -138,7 +147,7 @@ def _weight_axis(node: ir.Node, weight: ir.Value, rule: Rule) -> int | None:
 def _output_use(node: ir.Node, rule: Rule, context: Context) -> list[TensorUse]:
     """Q/DQ on the op's output, after a directly following activation that the runtime removes."""
     output = node.outputs[0]
-    uses = output.uses()
+    uses = list(output.uses())
     through = rule.get("output_through", [])
     if len(uses) == 1 and uses[0].node.op_type in through:
         output = uses[0].node.outputs[0]
@@ -168,7 +177,7 @@ def match_matmul(node: ir.Node, rule: Rule, context: Context) -> Match:
 
 
 def _match_matmul_weight(node: ir.Node, weight: ir.Value, rule: Rule, context: Context) -> Match:
-    shape = list(weight.const_value.shape) if weight.const_value is not None else []
+    shape = _constant_shape(weight)
     if len(shape) < 2:
         return Skip("matrix-vector product (1-D weight)", "gemv/tiny")
     activation_dims = _static_dims(node.inputs[0])
@@ -270,9 +279,15 @@ def match_shared_scale(node: ir.Node, rule: Rule, context: Context) -> Match:
     if not context.plan.is_quantized(output.name or ""):
         return Skip("output not quantized downstream", "no quantized neighbour")
     for value in node.inputs:
-        if value is not None and value.const_value is None and (problem := activation_problem(value, context)):
+        if (
+            value is not None
+            and value.const_value is None
+            and (problem := activation_problem(value, context))
+        ):
             return problem
-    uses = [_activation_use(node, i) for i, v in enumerate(node.inputs) if v is not None and v.const_value is None]
+    uses = [
+        _activation_use(node, i) for i, v in enumerate(node.inputs) if v is not None and v.const_value is None
+    ]
     context.plan.join_group([output.name or "", *(u.tensor for u in uses)])
     return uses
 

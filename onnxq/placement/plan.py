@@ -57,7 +57,9 @@ class Plan:
 
     def join_group(self, tensors: list[str]) -> None:
         """Put ``tensors`` (and every tensor already grouped with one of them) in one scale group."""
-        joined = set(tensors) | {t for t, g in self.groups.items() if g in {self.groups.get(x) for x in tensors}}
+        joined = set(tensors) | {
+            t for t, g in self.groups.items() if g in {self.groups.get(x) for x in tensors}
+        }
         name = "group:" + min(joined)
         for tensor in joined:
             self.groups[tensor] = name
@@ -95,7 +97,9 @@ class Plan:
     def _merge(self, name: str, uses: list[TensorUse]) -> QuantizedTensor:
         consumers = frozenset((u.node, u.input_index) for u in uses if u.input_index is not None)
         all_consumers = any(u.input_index is None for u in uses)
-        return QuantizedTensor(name, uses[0].role, uses[0].axis, consumers, all_consumers, self.groups.get(name))
+        return QuantizedTensor(
+            name, uses[0].role, uses[0].axis, consumers, all_consumers, self.groups.get(name)
+        )
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """(quantized nodes per op type, skipped nodes per reason) for the summary table."""

@@ -6,6 +6,7 @@ matcher ``kind`` (see ``matchers.py``) to some op types with parameters. Users c
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -57,7 +58,7 @@ def patterns_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "patterns"
 
 
-def load_rule_set(target: str = "tensorrt", path: str | Path | None = None) -> RuleSet:
+def load_rule_set(target: str = "tensorrt", path: str | os.PathLike[str] | None = None) -> RuleSet:
     """The rule set of ``target``, or the user's file at ``path``."""
     if path is None:
         if target not in TARGETS:
@@ -68,12 +69,16 @@ def load_rule_set(target: str = "tensorrt", path: str | Path | None = None) -> R
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise OnnxqError(f"patterns file {path} does not exist", "pass a TOML rule set such as patterns/tensorrt.toml")
+        raise OnnxqError(
+            f"patterns file {path} does not exist", "pass a TOML rule set such as patterns/tensorrt.toml"
+        )
     try:
         with path.open("rb") as stream:
             return tomllib.load(stream)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise OnnxqError(f"patterns file {path} is not valid TOML: {error}", "fix the file's syntax") from error
+        raise OnnxqError(
+            f"patterns file {path} is not valid TOML: {error}", "fix the file's syntax"
+        ) from error
 
 
 def parse_rule_set(data: dict[str, Any], source: str) -> RuleSet:
@@ -84,10 +89,11 @@ def parse_rule_set(data: dict[str, Any], source: str) -> RuleSet:
         kind = entry.get("kind")
         if kind not in MATCHERS:
             raise OnnxqError(
-                f"rule {index} in {source} has unknown kind {kind!r}", f"use one of {', '.join(sorted(MATCHERS))}"
+                f"rule {index} in {source} has unknown kind {kind!r}",
+                f"use one of {', '.join(sorted(MATCHERS))}",
             )
         if not entry.get("op_types"):
-            raise OnnxqError(f"rule {index} in {source} lists no op_types", "add op_types = [\"Conv\", ...]")
+            raise OnnxqError(f"rule {index} in {source} lists no op_types", 'add op_types = ["Conv", ...]')
         params = {k: v for k, v in entry.items() if k not in ("name", "kind", "op_types")}
         rules.append(Rule(entry.get("name", kind), kind, tuple(entry["op_types"]), params))
     return RuleSet(

@@ -295,7 +295,7 @@ _small_histograms = st.integers(2, 12).flatmap(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(_small_histograms)
 def test_entropy_regrouping_matches_reference_on_any_histogram(case: tuple[int, list[int]]) -> None:
     num_quantized_bins, counts = case

@@ -247,7 +247,7 @@ _finite_arrays = hnp.arrays(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(_arrays, _arrays, _arrays)
 def test_merge_is_associative_and_commutative(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
     sa, sb, sc = TensorStats.of(a), TensorStats.of(b), TensorStats.of(c)
@@ -257,7 +257,7 @@ def test_merge_is_associative_and_commutative(a: np.ndarray, b: np.ndarray, c: n
     assert _bits(sa.merge(TensorStats())) == _bits(sa)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(_finite_arrays, st.lists(st.integers(0, 200), max_size=6), st.integers(1, 64))
 def test_histogram_is_indifferent_to_chunking(values: np.ndarray, cuts: list[int], num_bins: int) -> None:
     amax = float(np.abs(values).max()) if values.size else 0.0

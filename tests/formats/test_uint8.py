@@ -15,7 +15,7 @@ from onnxq.formats.uint8 import Uint8Format
 
 UINT8 = Uint8Format()
 # derandomize: the same examples on every run; no example database written into the repository
-FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None)
+FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 # (low, high, expected scale, expected zero point)
 PARAMS_GOLDEN = [
