@@ -13,13 +13,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import google.protobuf.message
 import onnx
 import onnx.checker
+import onnx.version_converter
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
@@ -61,6 +61,17 @@ def clone_model(model: ir.Model) -> ir.Model:
     if len(folders) == 1:
         ir.external_data.set_base_dir(copy.graph, folders.pop())
     return copy
+
+
+def convert_opset(model: ir.Model, target: int) -> ir.Model:
+    """``onnx.version_converter`` on a proto whose external weights stay references on disk."""
+    folders = {t.base_dir for t in external_tensors(model)}
+    converted = ir.serde.deserialize_model(
+        onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
+    )
+    if len(folders) == 1:
+        ir.external_data.set_base_dir(converted.graph, folders.pop())
+    return converted
 
 
 def _load_path(path: Path) -> ir.Model:
@@ -175,9 +186,3 @@ def model_file_size(path: str | os.PathLike) -> int:
 def to_model_proto(model: ir.Model) -> onnx.ModelProto:
     """For callers of the Python API who want protobuf (small models only)."""
     return ir.serde.serialize_model(model)
-
-
-@contextmanager
-def protobuf_view(model: ir.Model) -> Iterator[onnx.ModelProto]:
-    """A proto of the model with external tensors left as references (for onnx's C++ helpers)."""
-    yield ir.serde.serialize_model(model)

@@ -83,6 +83,10 @@ QUICK_SAMPLES = 16
 DEFAULT_EVAL_SAMPLES = 32
 QUICK_EVAL_SAMPLES = 8
 DEFAULT_CALIB_BATCH = 32
+# ONNX Runtime's histogram calibrators take minutes per pass at 256 samples on 2 cores; sections 2 and 3
+# use the first samples of the calibration set (the same ones for both tools) to keep a run ~15 minutes.
+DEFAULT_ACCURACY_SAMPLES = 64
+DEFAULT_INVARIANCE_SAMPLES = 64
 EVAL_BATCH = 8
 MIN_FALLBACK_SAMPLES = 8
 FALLBACK_DIVISOR = 4
@@ -516,19 +520,19 @@ def job_onnxq_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     """onnxq's low-level calibration on the given tensor names."""
     names = json.loads(Path(spec["tensors"]).read_text())
     importlib.import_module("onnxq")
-    data_path = Path(spec["data"])
-    if spec.get("samples_subset"):
-        subset = Path(spec["workdir"]) / f"{spec['name']}.npz"
-        np.savez(subset, **load_feeds(data_path, spec["samples"]))
-        data_path = subset
+    data_path = Path(spec["data"])  # the parent wrote a file with exactly spec["samples"] samples
     baseline = self_peak_rss_mb()
     t0 = time.perf_counter()
     ranges = call_onnxq_calibrate(Path(spec["model"]), names, data_path, spec["method"], spec["batch_size"])
     elapsed = time.perf_counter() - t0
     if spec.get("ranges_out"):
         save_ranges(Path(spec["ranges_out"]), ranges)
-    samples = num_samples(load_feeds(data_path)) if spec.get("samples_subset") else spec["samples"]
-    return {"baseline_rss_mb": baseline, "calib_s": elapsed, "tensors": len(ranges), "samples": samples}
+    return {
+        "baseline_rss_mb": baseline,
+        "calib_s": elapsed,
+        "tensors": len(ranges),
+        "samples": spec["samples"],
+    }
 
 
 def job_ort_quantize(spec: dict[str, Any]) -> dict[str, Any]:
@@ -756,6 +760,8 @@ class BenchConfig:
     spec: ModelSpec
     samples: int
     eval_samples: int
+    accuracy_samples: int
+    invariance_samples: int
     calib_batch: int
     mem_limit_gb: float
     out: Path
@@ -777,6 +783,7 @@ class Prepared:
     eval: Path
     reference: Path
     node_count: int
+    samples: int
     #: models of the accuracy section: the transformer first, then the optional CNN
     accuracy: list[AccuracyModel] = dataclasses.field(default_factory=list)
 
@@ -801,6 +808,16 @@ class AccuracyModel:
             "reference": str(self.reference),
             "samples": self.samples,
         }
+
+
+def subset_file(calib: Path, samples: int, workdir: Path) -> Path:
+    """``calib`` itself, or a file next to it with its first ``samples`` samples (written once)."""
+    if samples >= num_samples(load_feeds(calib)):
+        return calib
+    path = workdir / f"calib_{samples}.npz"
+    if not path.exists():
+        np.savez(path, **load_feeds(calib, samples))
+    return path
 
 
 def write_reference(model: Path, eval_path: Path, out: Path) -> Path:
@@ -864,24 +881,16 @@ def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
     tensors.write_text(json.dumps(names))
     nodes = len(onnx.load(str(model)).graph.node)
     LOG.info("model: %d nodes; ONNX Runtime calibrates %d tensors", nodes, len(names))
-    prep = Prepared(model, tensors, len(names), calib, held_out, reference, nodes)
-    prep.accuracy.append(AccuracyModel("transformer", model, calib, held_out, reference, cfg.samples))
+    prep = Prepared(model, tensors, len(names), calib, held_out, reference, nodes, cfg.samples)
+    acc_calib = subset_file(calib, cfg.accuracy_samples, workdir)
+    prep.accuracy.append(
+        AccuracyModel("transformer", model, acc_calib, held_out, reference, cfg.accuracy_samples)
+    )
     if cfg.cnn and not cfg.skip_accuracy:
         cnn = prepare_cnn(workdir)
         if cnn is not None:
             prep.accuracy.append(cnn)
     return prep
-
-
-def common(prep: Prepared) -> dict[str, Any]:
-    """Spec fields every child gets."""
-    return {
-        "model": str(prep.model),
-        "tensors": str(prep.tensors),
-        "data": str(prep.calib),
-        "eval": str(prep.eval),
-        "reference": str(prep.reference),
-    }
 
 
 def fallback_counts(samples: int) -> list[int]:
@@ -893,94 +902,84 @@ def fallback_counts(samples: int) -> list[int]:
     return counts
 
 
-@dataclasses.dataclass
-class MemoryResults:
-    """Rows of section 1 plus what section 3 reuses (saved ranges of the batch-32 runs)."""
-
-    rows: list[dict[str, Any]]
-    #: largest sample count at which ONNX Runtime's one-pass entropy calibration succeeded
-    single_samples: int | None = None
-    #: ``"<variant>"`` -> ranges file of the run at the default calibration batch
-    ranges: dict[str, Path] = dataclasses.field(default_factory=dict)
-
-
 ORT_SINGLE = "ONNX Runtime Entropy (one collect_data)"
 ORT_STREAM = "ONNX Runtime Entropy (collect_data per batch)"
 ONNXQ_ENTROPY = "onnxq entropy"
+#: calibration-only variants: label -> (child job, job options)
+CALIB_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    ORT_SINGLE: ("ort_calibrate", {"method": "Entropy"}),
+    ORT_STREAM: ("ort_calibrate", {"method": "Entropy", "streaming": True}),
+    ONNXQ_ENTROPY: ("onnxq_calibrate", {"method": "entropy"}),
+}
 
 
-def bench_memory(cfg: BenchConfig, prep: Prepared, runner: Runner, onnxq_ok: bool) -> MemoryResults:
+class CalibRuns:
+    """Calibration-only child runs, each done once per (variant, samples, batch) and shared by sections."""
+
+    def __init__(self, runner: Runner, prep: Prepared) -> None:
+        self.runner = runner
+        self.prep = prep
+        self.done: dict[tuple[str, int, int], tuple[ChildOutcome, Path]] = {}
+
+    def data(self, samples: int) -> Path:
+        """A calibration file with the first ``samples`` samples (written once)."""
+        return subset_file(self.prep.calib, samples, self.runner.workdir)
+
+    def run(self, variant: str, samples: int, batch: int) -> tuple[ChildOutcome, Path]:
+        """Run (or reuse) one calibration; returns the outcome and the file its ranges were saved to."""
+        key = (variant, samples, batch)
+        if key not in self.done:
+            job, options = CALIB_VARIANTS[variant]
+            tag = "_".join(variant.split()[:2]).lower().replace("onnx_runtime", "ort")
+            tag += "_stream" if options.get("streaming") else ""
+            name = f"calib_{tag}_{samples}_b{batch}"
+            path = self.runner.workdir / f"{name}.ranges.npz"
+            outcome = self.runner.run(
+                name,
+                job,
+                model=str(self.prep.model),
+                tensors=str(self.prep.tensors),
+                data=str(self.data(samples)),
+                samples=samples,
+                batch_size=batch,
+                ranges_out=str(path),
+                **options,
+            )
+            self.done[key] = (outcome, path)
+        return self.done[key]
+
+
+def bench_memory(cfg: BenchConfig, runs: CalibRuns, onnxq_ok: bool) -> list[dict[str, Any]]:
     """Section 1: entropy calibration memory/time, onnxq vs ONNX Runtime (one pass and streaming).
 
     ONNX Runtime's one-pass calibrator keeps every calibrated tensor of every sample in memory; when it
     runs out of memory at ``--samples`` it is retried with fewer samples and onnxq is measured at that
     count too, so that one ratio compares equal work.
     """
-    res = MemoryResults(rows=[])
-    base, b = common(prep), cfg.calib_batch
+    rows: list[dict[str, Any]] = []
+    b, n_full = cfg.calib_batch, cfg.samples
     single: ChildOutcome | None = None
-    for n in [cfg.samples, *fallback_counts(cfg.samples)]:
-        path = runner.workdir / f"mem_ort_single_{n}.ranges.npz"
-        outcome = runner.run(
-            f"mem_ort_single_{n}",
-            "ort_calibrate",
-            **base,
-            method="Entropy",
-            samples=n,
-            batch_size=min(b, n),
-            ranges_out=str(path),
-        )
-        res.rows.append(mem_row(ORT_SINGLE, n, min(b, n), outcome))
+    for n in [n_full, *fallback_counts(n_full)]:
+        outcome, _ = runs.run(ORT_SINGLE, n, min(b, n))
+        rows.append(mem_row(ORT_SINGLE, n, min(b, n), outcome))
         if outcome.ok:
-            single, res.single_samples = outcome, n
-            res.ranges["ort_single"] = path
+            single = outcome
             break
-    path = runner.workdir / "mem_ort_stream.ranges.npz"
-    stream = runner.run(
-        "mem_ort_stream",
-        "ort_calibrate",
-        **base,
-        method="Entropy",
-        samples=cfg.samples,
-        batch_size=b,
-        streaming=True,
-        ranges_out=str(path),
-    )
-    res.rows.append(mem_row(ORT_STREAM, cfg.samples, b, stream))
-    if stream.ok:
-        res.ranges["ort_stream"] = path
+    stream, _ = runs.run(ORT_STREAM, n_full, b)
+    rows.append(mem_row(ORT_STREAM, n_full, b, stream))
     if not onnxq_ok:
-        return res
-    path = runner.workdir / "mem_onnxq_entropy.ranges.npz"
-    full = runner.run(
-        "mem_onnxq_entropy",
-        "onnxq_calibrate",
-        **base,
-        method="entropy",
-        samples=cfg.samples,
-        batch_size=b,
-        ranges_out=str(path),
-    )
-    row = mem_row(ONNXQ_ENTROPY, cfg.samples, b, full)
+        return rows
+    full, _ = runs.run(ONNXQ_ENTROPY, n_full, b)
+    row = mem_row(ONNXQ_ENTROPY, n_full, b, full)
     row["ratios"] = [r for r in (ratio(row, stream, ORT_STREAM), ratio(row, single, ORT_SINGLE)) if r]
-    res.rows.append(row)
-    if full.ok:
-        res.ranges["onnxq_entropy"] = path
-    n = res.single_samples
-    if n is not None and n != cfg.samples:
-        small = runner.run(
-            f"mem_onnxq_entropy_{n}",
-            "onnxq_calibrate",
-            **base,
-            method="entropy",
-            samples=n,
-            batch_size=min(b, n),
-            samples_subset=True,
-        )
+    rows.append(row)
+    if single is not None and single.get("samples") != n_full:
+        n = single.get("samples")
+        small, _ = runs.run(ONNXQ_ENTROPY, n, min(b, n))
         row = mem_row(ONNXQ_ENTROPY, n, min(b, n), small)
         row["ratios"] = [r for r in (ratio(row, single, ORT_SINGLE),) if r]
-        res.rows.append(row)
-    return res
+        rows.append(row)
+    return rows
 
 
 def mem_row(tool: str, samples: int, batch: int, outcome: ChildOutcome) -> dict[str, Any]:
@@ -1096,42 +1095,23 @@ def bit_identical(
     )
 
 
-def bench_invariance(
-    cfg: BenchConfig, prep: Prepared, runner: Runner, mem: MemoryResults
-) -> list[dict[str, Any]]:
-    """Section 3: ranges at calibration batch 1 vs the default batch (whose runs section 1 already did)."""
-    base, big = common(prep), cfg.calib_batch
-    variants: list[tuple[str, str, str, dict[str, Any]]] = [
-        (
-            ORT_STREAM,
-            "ort_stream",
-            "ort_calibrate",
-            {"method": "Entropy", "streaming": True, "samples": cfg.samples},
-        ),
-    ]
-    if mem.single_samples is not None:
-        n = mem.single_samples
-        variants.append((ORT_SINGLE, "ort_single", "ort_calibrate", {"method": "Entropy", "samples": n}))
-    if "onnxq_entropy" in mem.ranges:
-        variants.append(
-            (ONNXQ_ENTROPY, "onnxq_entropy", "onnxq_calibrate", {"method": "entropy", "samples": cfg.samples})
-        )
+def bench_invariance(cfg: BenchConfig, runs: CalibRuns, onnxq_ok: bool) -> list[dict[str, Any]]:
+    """Section 3: ranges at calibration batch 1 vs the default batch, on the first ``invariance_samples``."""
+    n = cfg.invariance_samples
+    big = min(cfg.calib_batch, n)
+    variants = [ORT_STREAM, ORT_SINGLE, *([ONNXQ_ENTROPY] if onnxq_ok else [])]
     rows = []
-    for label, key, job, extra in variants:
-        path = runner.workdir / f"inv_{key}_b1.ranges.npz"
-        outcome = runner.run(f"inv_{key}_b1", job, **base, **extra, batch_size=1, ranges_out=str(path))
-        row: dict[str, Any] = {
-            "tool": label,
-            "samples": extra["samples"],
-            "batches": f"1 vs {min(big, extra['samples'])}",
-        }
-        if outcome.ok and key in mem.ranges:
-            r1, r2 = load_ranges(path), load_ranges(mem.ranges[key])
+    for variant in variants:
+        (small_out, small_path), (big_out, big_path) = runs.run(variant, n, 1), runs.run(variant, n, big)
+        row: dict[str, Any] = {"tool": variant, "samples": n, "batches": f"1 vs {big}"}
+        if small_out.ok and big_out.ok:
+            r1, r2 = load_ranges(small_path), load_ranges(big_path)
             row.update(
                 identical=bit_identical(r1, r2), max_rel=max_rel_diff(r1, r2), tensors=len(r1), status="ok"
             )
         else:
-            row.update(identical=None, max_rel=None, tensors=None, status=outcome.error.splitlines()[0][:100])
+            failed = small_out if not small_out.ok else big_out
+            row.update(identical=None, max_rel=None, tensors=None, status=first_line(failed.error, 100))
         rows.append(row)
     return rows
 
@@ -1186,7 +1166,9 @@ def render(
         f"input float32 `[batch, {spec.seq_len}, {spec.hidden}]` hidden states with {len(OUTLIER_CHANNELS)} "
         f"outlier channels (x{OUTLIER_INPUT_GAIN:g} input, x{OUTLIER_LN_GAIN:g} LayerNorm weight)",
         f"- Data: {cfg.samples} calibration samples, {cfg.eval_samples} held-out samples (seed {DATA_SEED}, "
-        f"streams {CALIB_STREAM}/{EVAL_STREAM}); calibration batch {cfg.calib_batch}",
+        f"streams {CALIB_STREAM}/{EVAL_STREAM}); calibration batch {cfg.calib_batch}; the accuracy section "
+        f"calibrates both tools on the first {cfg.accuracy_samples} samples, the invariance section on the "
+        f"first {cfg.invariance_samples}",
         f"- ONNX Runtime {ort.__version__} calibrates {prep.tensor_count} tensors with "
         "`op_types_to_calibrate=None`; onnxq's low-level calibration is given the same tensor names",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; each "
@@ -1274,6 +1256,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--eval-samples", type=int, default=None, help=f"held-out samples (default {DEFAULT_EVAL_SAMPLES})"
     )
+    p.add_argument(
+        "--accuracy-samples",
+        type=int,
+        default=None,
+        help=f"calibration samples of the accuracy section, both tools (default {DEFAULT_ACCURACY_SAMPLES})",
+    )
+    p.add_argument(
+        "--invariance-samples",
+        type=int,
+        default=None,
+        help=f"calibration samples of the batch-invariance section (default {DEFAULT_INVARIANCE_SAMPLES})",
+    )
     p.add_argument("--layers", type=int, default=None, help=f"encoder layers (default {FULL_LAYERS})")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 16 samples, < 1 minute")
     p.add_argument("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH, help="calibration batch size")
@@ -1300,6 +1294,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         spec=ModelSpec(layers=layers),
         samples=samples,
         eval_samples=eval_samples,
+        accuracy_samples=min(args.accuracy_samples or DEFAULT_ACCURACY_SAMPLES, samples),
+        invariance_samples=min(args.invariance_samples or DEFAULT_INVARIANCE_SAMPLES, samples),
         calib_batch=min(args.calib_batch, samples),
         mem_limit_gb=args.mem_limit_gb,
         out=args.out,
@@ -1328,7 +1324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = prepare(cfg, workdir)
     runner = Runner(workdir, cfg.mem_limit_gb, args.timeout)
     LOG.info("== 1. entropy calibration memory/time")
-    mem = bench_memory(cfg, prep, runner, calib_ok)
+    runs = CalibRuns(runner, prep)
+    mem = bench_memory(cfg, runs, calib_ok)
     acc: list[dict[str, Any]] = []
     if not cfg.skip_accuracy:
         LOG.info("== 2. accuracy")
@@ -1336,9 +1333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     inv: list[dict[str, Any]] = []
     if not cfg.skip_invariance:
         LOG.info("== 3. batch-size invariance")
-        inv = bench_invariance(cfg, prep, runner, mem)
+        inv = bench_invariance(cfg, runs, calib_ok)
     load = (load_start, os.getloadavg()[0])
-    report = render(cfg, prep, status, mem.rows, acc, inv, time.perf_counter() - t0, load)
+    report = render(cfg, prep, status, mem, acc, inv, time.perf_counter() - t0, load)
     (cfg.out / "bench_calib.md").write_text(report)
     print(report)
     LOG.info("wrote %s", cfg.out / "bench_calib.md")

@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx.defs
-import onnx.version_converter
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
@@ -22,6 +20,7 @@ from onnx_ir.passes.common import (
 )
 
 from onnxq.errors import OnnxqError
+from onnxq.model_io import convert_opset
 
 logger = logging.getLogger(__name__)
 
@@ -172,20 +171,13 @@ def _schema_changes(op_type: str, old: int, new: int) -> bool:
 
 def _convert_with_onnx(model: ir.Model, target: int, changed_ops: list[str]) -> None:
     try:
-        converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
+        converted = convert_opset(model, target)
     except Exception as error:
         raise OnnxqError(
             f"cannot upgrade the model from opset {default_opset(model)} to {target} (ops {', '.join(changed_ops)}): {error}",
             f"re-export the model at opset >= {target}",
         ) from error
-    folders = {
-        v.const_value.base_dir
-        for v in model.graph.initializers.values()
-        if isinstance(v.const_value, ir.ExternalTensor)
-    }
-    model.graph = ir.serde.deserialize_model(converted).graph
-    if len(folders) == 1:  # external weights stay where they were
-        ir.external_data.set_base_dir(model.graph, folders.pop())
+    model.graph = converted.graph
     model.opset_imports[""] = target
     lift_constant_nodes(model)
 

@@ -159,6 +159,30 @@ def test_graph_output_is_not_quantized(conv_chain) -> None:
     assert quantize_node_of(proto, "y") is None
 
 
+def test_relu_output_that_is_a_graph_output_is_not_quantized() -> None:
+    rng = np.random.default_rng(35)
+    model = build(
+        """g (float[N, 8, 8, 8] x) => (float[N, 16, 8, 8] r, float[N, 16, 8, 8] y) {
+            [conv1] c = Conv<pads = [1, 1, 1, 1]>(x, w1)
+            [relu1] r = Relu(c)
+            [conv2] y = Conv<pads = [1, 1, 1, 1]>(r, w2)
+        }""",
+        {"w1": randn(rng, 16, 8, 3, 3, scale=0.2), "w2": randn(rng, 16, 16, 3, 3)},
+    )
+    result, proto = quantize_ort(model, {"x": rng.standard_normal((8, 8, 8, 8)).astype(np.float32)})
+    conv1 = result.plan.decision("conv1")
+    assert conv1 is not None and conv1.quantized
+    assert {u.tensor for u in conv1.uses} == {"x", "w1"}  # no output use: r is a graph output
+    conv2 = result.plan.decision("conv2")
+    assert conv2 is not None and ("r", 0) in {(u.tensor, u.input_index) for u in conv2.uses}
+    by_output = producers(proto)
+    assert [o.name for o in proto.graph.output] == ["r", "y"]
+    assert by_output["r"].op_type == "Relu" and by_output["y"].op_type == "Conv"
+    conv2_node = next(n for n in proto.graph.node if n.name == "conv2")
+    assert by_output[conv2_node.input[0]].op_type == DQ
+    assert zero_point_of(proto, "r") == (TensorProto.UINT8, 0)
+
+
 def test_onnxruntime_fuses_qlinear_conv(conv_chain, tmp_path: Path) -> None:
     model, _, proto = conv_chain
     dump = tmp_path / "optimized.onnx"

@@ -562,6 +562,25 @@ def test_global_average_pool_before_flatten_and_gemm_is_quantized() -> None:
     assert index.reads_dq("flatten") == [False]
 
 
+def test_quantized_tensor_that_is_a_graph_output_stays_float_there() -> None:
+    rng = np.random.default_rng(24)
+    model = build(
+        """g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] r, float[N, 16, 8, 8] y) {
+            [relu] r = Relu(x)
+            [conv] y = Conv<pads = [1, 1, 1, 1]>(r, w)
+        }""",
+        {"w": randn(rng, 16, 16, 3, 3)},
+    )
+    result, index = quantize(model, {"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)})
+    assert [(u.tensor, u.input_index) for u in decision(result, "conv").uses][0] == ("r", 0)
+    assert [o.name for o in index.proto.graph.output] == ["r", "y"]
+    assert index.producer_op("r") == "Relu"
+    assert index.activation_qdq("conv", 0)[0].input[0] == "r"
+    assert_no_qdq_on_graph_outputs(index)
+    feed = {"x": rng.standard_normal((2, 16, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run(index.proto, feed)[0], run(model, feed)[0])
+
+
 def test_pool_sharing_its_input_with_a_quantized_conv_is_quantized() -> None:
     rng = np.random.default_rng(13)
     model = build(
@@ -815,14 +834,23 @@ def test_tensor_seen_non_finite_in_calibration_is_dropped() -> None:
             "g (float[N, 8, 8, 8] x) => (float[N, 32, 16, 16] y) { [node] y = ConvTranspose<strides = [2, 2]>(x, w) }",
             {"w": (8, 32, 2, 2)}, (4, 8, 8, 8), "8->32 channels (< 16)", "few channels",
         ),
+        (
+            "g (float[32, N] x) => (float[32, N] y) { [node] y = MatMul(w, x) }",
+            {"w": (32, 32)}, (32, 4), "first input is a constant", "constant activation",
+        ),
+        (
+            "g (int32[N, 32] x) => (int32[N, 32] y) { [node] y = MatMul(x, w) }",
+            {"w": (32, 32)}, (4, 32), "input x is INT32, not float", "not float",
+        ),
     ],
     ids=["gemv_m1", "gemv_n1", "gemm_m1", "gemm_transA_m1", "tiny_k", "tiny_n", "gemm_tiny_n", "matmul_1d",
-         "conv_3_in", "conv_8_out", "deconv_8_in"],
+         "conv_3_in", "conv_8_out", "deconv_8_in", "constant_a", "int_matmul"],
 )  # fmt: skip
 def test_skipped_layers_have_reasons(text, inits, input_shape, reason, category) -> None:
     rng = np.random.default_rng(19)
-    model = build(text, {name: randn(rng, *shape) for name, shape in inits.items()})
-    result, index = quantize(model, {"x": rng.standard_normal(input_shape).astype(np.float32)})
+    dtype = np.int32 if text.startswith("g (int32") else np.float32
+    model = build(text, {name: randn(rng, *shape).astype(dtype) for name, shape in inits.items()})
+    result, index = quantize(model, {"x": rng.standard_normal(input_shape).astype(dtype)})
     found = decision(result, "node")
     assert (found.quantized, found.reason, found.category, found.uses) == (False, reason, category, [])
     assert Q not in index.ops and DQ not in index.ops
