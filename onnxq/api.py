@@ -140,6 +140,9 @@ def _check_output_path(model: Any, output_path: str | os.PathLike[str] | None) -
 def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
     """Clean-up passes before planning: names, constants, BatchNorm, opset, shapes."""
     ir.passes.common.NameFixPass()(model)
+    # An initializer listed as a graph input is an overridable default (PyTorch's
+    # keep_initializers_as_inputs); deployment runtimes treat it as a constant weight, and so do we.
+    ir.passes.common.RemoveInitializersFromInputsPass()(model)
     lifted = passes.lift_constant_nodes(model)
     folded = passes.fold_batch_norm(model)
     target_opset = max(settings.opset or 0, MIN_OUTPUT_OPSET, get_format(settings.mode).min_opset)

@@ -66,6 +66,7 @@ class OutputMetrics:
 @dataclass
 class CompareResult:
     outputs: dict[str, OutputMetrics] = field(default_factory=dict)
+    ort_fusions: bool = False
     samples: int = 0
 
     @property
@@ -81,8 +82,13 @@ def compare(
     providers: Sequence[str] | None = None,
     batch_size: int | None = None,
     max_samples: int | None = None,
+    ort_fusions: bool = False,
 ) -> CompareResult:
-    """Run both models on ``data`` (any calibration data source) and measure each output's error."""
+    """Run both models on ``data`` (any calibration data source) and measure each output's error.
+
+    By default the quantized model runs with its Q/DQ as written (what TensorRT reproduces);
+    ``ort_fusions`` runs it with ONNX Runtime's fused CPU integer kernels, as an ORT deployment would.
+    """
     reference_model, quantized_model = load_model(reference), load_model(quantized)
     names = [v.name or "" for v in reference_model.graph.outputs]
     quantized_names = [v.name or "" for v in quantized_model.graph.outputs]
@@ -92,8 +98,8 @@ def compare(
         )
     feeds = open_calibration_data(data, input_specs(reference_model), batch_size, max_samples)
     reference_session = make_session(reference_model, providers)
-    quantized_session = make_session(quantized_model, providers)
-    result = CompareResult({name: OutputMetrics() for name in names})
+    quantized_session = make_session(quantized_model, providers, fused_kernels=ort_fusions)
+    result = CompareResult({name: OutputMetrics() for name in names}, ort_fusions=ort_fusions)
     for feed in feeds.batches():
         expected = reference_session.run(names, feed)
         actual = quantized_session.run(names, feed)

@@ -49,15 +49,21 @@ def make_session(
     providers: Sequence[str] | None = None,
     custom_ops: Sequence[str] = (),
     threads: int | None = None,
+    fused_kernels: bool = True,
 ) -> ort.InferenceSession:
-    """A session over ``model``; external weights are read from their folder, not copied."""
+    """A session over ``model``; external weights are read from their folder, not copied.
+
+    ``fused_kernels`` False runs Q/DQ as written (graph optimizations at BASIC): the numerics every
+    runtime must reproduce, without ORT's CPU-specific integer kernels (which on x86 without VNNI
+    lose accuracy: measured 20.6 dB vs 40.1 dB on an INT8 MatMul model).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Exact INT4 block DQ -> MatMul instead of silent int8 compute (ORT's MatMulNBits default).
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
-    if has_float8(model):
+    if not fused_kernels or has_float8(model):
         # ORT 1.32 CPU's extended graph optimizations change FP8 Q/DQ -> Conv/Add numerics (measured:
         # 32.3 dB at BASIC vs 11.2 dB at EXTENDED on the same model); BASIC keeps them exact.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -51,6 +51,7 @@ def fold_batch_norm(model: ir.Model) -> int:
     BatchNormalization with constant scale/bias/mean/var and one output. Anything else is left alone
     (TensorRT fuses such BN itself; quantizing around it is still correct).
     """
+    forget_names(model.graph)
     folded = 0
     for batch_norm in [n for n in model.graph if n.op_type == "BatchNormalization"]:
         conv = batch_norm.inputs[0].producer() if batch_norm.inputs[0] is not None else None
@@ -87,8 +88,12 @@ def _fold_pair(graph: ir.Graph, conv: ir.Node, batch_norm: ir.Node) -> None:
     else:
         conv.resize_inputs(3)
         conv.replace_input_with(2, bias_value)
+    output_name = batch_norm.outputs[0].name
+    was_graph_output = batch_norm.outputs[0].is_graph_output()
     batch_norm.outputs[0].replace_all_uses_with(conv.outputs[0], replace_graph_outputs=True)
     graph.remove(batch_norm, safe=True)
+    if was_graph_output:  # the model's output keeps its name
+        conv.outputs[0].name = output_name
 
 
 def _array(value: ir.Value | None) -> np.ndarray:
@@ -106,9 +111,24 @@ def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+_NAMES_KEY = "onnxq_names"
+
+
+def forget_names(graph: ir.Graph) -> None:
+    """Drop the name cache: passes call this first, since other code may have added values since."""
+    graph.meta.pop(_NAMES_KEY, None)
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
-    """A value name not yet used in ``graph`` (deterministic: base, base_1, base_2...)."""
-    taken = graph.meta.setdefault("onnxq_names", _all_value_names(graph))
+    """A value or node name not yet used in ``graph`` (deterministic: base, base_1, base_2...).
+
+    Taken names are scanned once and cached; names handed out here join the cache. A pass that
+    adds values calls ``forget_names`` first and then names everything it adds through here.
+    """
+    taken: set[str] | None = graph.meta.get(_NAMES_KEY)
+    if taken is None:
+        taken = _all_value_names(graph)
+        graph.meta[_NAMES_KEY] = taken
     name, counter = base, 0
     while name in taken:
         counter += 1

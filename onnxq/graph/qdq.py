@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.formats.base import NumberFormat, QuantParams
-from onnxq.graph.passes import unique_name, values_by_name
+from onnxq.graph.passes import forget_names, unique_name, values_by_name
 from onnxq.placement.plan import QuantizedTensor
 
 
@@ -35,6 +35,7 @@ def insert_qdq(
 ) -> InsertionStats:
     """Rewrite ``model`` in place; activations without parameters are skipped (left float)."""
     graph = model.graph
+    forget_names(graph)
     nodes = {node.name: node for node in graph}
     values = values_by_name(graph)
     stats = InsertionStats()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.placement.plan import Plan, TensorUse
@@ -123,7 +124,8 @@ def _gemm_problem(node: ir.Node, shape: list[int], minimum: int) -> Skip | None:
 
 def _gemm_size_problem(m: int | None, k: int, n: int, minimum: int) -> Skip | None:
     if minimum > 1 and (m == 1 or n == 1):
-        return Skip(f"GEMV (M={m}, K={k}, N={n}): memory bound, no gain", "gemv/tiny")
+        rows = "?" if m is None else m
+        return Skip(f"GEMV (M={rows}, K={k}, N={n}): memory bound, no gain", "gemv/tiny")
     if k < minimum or n < minimum:
         return Skip(f"tiny GEMM (K={k}, N={n} < {minimum})", "gemv/tiny")
     return None
@@ -176,12 +178,21 @@ def match_matmul(node: ir.Node, rule: Rule, context: Context) -> Match:
     return problem or [_activation_use(node, 0), _activation_use(node, 1)]
 
 
+def _rows(dims: list[int | None]) -> int | None:
+    """Rows of the GEMM a MatMul input flattens to: the product of all but the last dim (None: dynamic)."""
+    if not dims:
+        return None
+    leading = dims[:-1]
+    if any(d is None for d in leading):
+        return None
+    return int(np.prod(leading)) if leading else 1
+
+
 def _match_matmul_weight(node: ir.Node, weight: ir.Value, rule: Rule, context: Context) -> Match:
     shape = _constant_shape(weight)
     if len(shape) < 2:
         return Skip("matrix-vector product (1-D weight)", "gemv/tiny")
-    activation_dims = _static_dims(node.inputs[0])
-    m = activation_dims[-2] if len(activation_dims) >= 2 else (1 if len(activation_dims) == 1 else None)
+    m = _rows(_static_dims(node.inputs[0]))
     problem = _gemm_size_problem(m, shape[-2], shape[-1], int(rule.get("min_gemm_dim", 1)))
     problem = problem or activation_problem(node.inputs[0], context)
     if problem:

@@ -88,11 +88,13 @@ class Plan:
                 decision.skip(reason, category)
 
     def tensors(self) -> list[QuantizedTensor]:
-        merged: dict[str, list[TensorUse]] = {}
+        """One entry per tensor and axis: a weight shared by consumers with different output-channel
+        axes (MatMul and Gemm transB=1) gets one DequantizeLinear per axis."""
+        merged: dict[tuple[str, int | None], list[TensorUse]] = {}
         for decision in self.decisions:
             for use in decision.uses:
-                merged.setdefault(use.tensor, []).append(use)
-        return [self._merge(name, uses) for name, uses in merged.items()]
+                merged.setdefault((use.tensor, use.axis), []).append(use)
+        return [self._merge(name, uses) for (name, _), uses in merged.items()]
 
     def _merge(self, name: str, uses: list[TensorUse]) -> QuantizedTensor:
         consumers = frozenset((u.node, u.input_index) for u in uses if u.input_index is not None)

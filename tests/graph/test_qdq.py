@@ -88,7 +88,9 @@ def shared_weight_model(seed: int = 60) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize(
-    ("fmt", "dtype", "opset"), [(INT8, ir.DataType.INT8, 17), (FP8, ir.DataType.FLOAT8E4M3FN, 19)], ids=["int8", "fp8"]
+    ("fmt", "dtype", "opset"),
+    [(INT8, ir.DataType.INT8, 17), (FP8, ir.DataType.FLOAT8E4M3FN, 19)],
+    ids=["int8", "fp8"],
 )
 def test_weight_is_stored_quantized_in_the_format_dtype(fmt, dtype, opset: int) -> None:
     rng = np.random.default_rng(61)
@@ -160,7 +162,9 @@ def test_shared_weight_with_excluded_consumer_end_to_end() -> None:
     original = shared_weight_model()
     rng = np.random.default_rng(64)
     result = onnxq.quantize(
-        original, calibration_data={"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)}, exclude_nodes="conv_b"
+        original,
+        calibration_data={"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)},
+        exclude_nodes="conv_b",
     )
     proto = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(proto, full_check=True)
@@ -186,11 +190,6 @@ def test_shared_weight_quantized_for_both_consumers_has_one_dequantize() -> None
     assert [n.op_type for n in proto.graph.node].count(DQ) == 1
 
 
-@pytest.mark.xfail(
-    reason="Plan._merge keeps the axis of the first use only: a weight shared by MatMul (per channel on "
-    "axis 1) and Gemm transB=1 (axis 0) gets one DequantizeLinear with axis 1, per input channel for the Gemm",
-    strict=True,
-)
 def test_shared_weight_gets_each_consumers_output_channel_axis() -> None:
     rng = np.random.default_rng(65)
     original = build(

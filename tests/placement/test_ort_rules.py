@@ -135,7 +135,7 @@ def test_uint8_activations_with_zero_point_zero_after_relu(conv_chain) -> None:
 
 
 def test_int8_per_channel_weights(conv_chain) -> None:
-    model, result, proto = conv_chain
+    _, _, proto = conv_chain
     by_output = producers(proto)
     expected = {"conv1": (0, 16), "conv2": (0, 32), "fc": (0, 16)}
     for name, (axis, channels) in expected.items():
@@ -219,7 +219,8 @@ def test_small_matmul_is_quantized_for_ort_but_not_for_tensorrt() -> None:
     """min_gemm_dim = 1 for ONNX Runtime: MatMulIntegerToFloat pays off at any size."""
     rng = np.random.default_rng(33)
     model = build(
-        "g (float[N, 4, 8] x) => (float[N, 4, 32] y) { [mm] y = MatMul(x, w) }", {"w": randn(rng, 8, 32, scale=0.3)}
+        "g (float[N, 4, 8] x) => (float[N, 4, 32] y) { [mm] y = MatMul(x, w) }",
+        {"w": randn(rng, 8, 32, scale=0.3)},
     )
     calib = {"x": rng.standard_normal((16, 4, 8)).astype(np.float32)}
     result, proto = quantize_ort(model, calib)

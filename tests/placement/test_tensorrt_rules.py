@@ -124,10 +124,13 @@ def decision(result, node: str):
     return found
 
 
-def assert_no_qdq_on_graph_outputs(index: Index) -> None:
+def assert_no_qdq_on_graph_outputs(index: Index, model: onnx.ModelProto) -> None:
+    """Graph outputs keep their float producer; a Q may read one only for a consumer inside the graph."""
+    assert [o.name for o in index.proto.graph.output] == [o.name for o in model.graph.output]
     for output in index.proto.graph.output:
         assert index.producer_op(output.name) not in (Q, DQ), output.name
-        assert all(n.op_type != Q for n, _ in index.consumers(output.name)), output.name
+        if any(n.op_type == Q for n, _ in index.consumers(output.name)):
+            assert any(output.name in n.input for n in model.graph.node), output.name
 
 
 def assert_zero_points_are_zero(index: Index, dtype: int = TensorProto.INT8) -> None:
@@ -260,7 +263,9 @@ def test_weighted_layer_placement(case_name: str, mode: str) -> None:
     assert scale.dtype == np.float32 and scale.shape == (case.channels,)
     assert zero_point.data_type == WEIGHT_DTYPES[mode] and tuple(zero_point.dims) == (case.channels,)
     assert "w" not in index.initializers, "the float weight is released"
-    assert not any(n.op_type == Q and n.input[0] in ("w", weight_dq.output[0]) for n in index.proto.graph.node)
+    assert not any(
+        n.op_type == Q and n.input[0] in ("w", weight_dq.output[0]) for n in index.proto.graph.node
+    )
 
     # the dequantized weight is the float weight up to rounding (per channel scale = amax / qmax)
     weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
@@ -280,7 +285,7 @@ def test_weighted_layer_placement(case_name: str, mode: str) -> None:
         assert index.nodes[case.node].input[2] == case.bias
         assert index.initializers[case.bias].data_type == TensorProto.FLOAT
         assert index.producer_op(case.bias) is None
-    assert_no_qdq_on_graph_outputs(index)
+    assert_no_qdq_on_graph_outputs(index, model)
     assert_zero_points_are_zero(index, WEIGHT_DTYPES[mode])
     if mode == "fp8":
         assert max(o.version for o in index.proto.opset_import if o.domain in ("", "ai.onnx")) >= 19
@@ -295,7 +300,11 @@ def test_matmul_bias_add_stays_float() -> None:
     calib = {"x": np.random.default_rng(1).standard_normal((8, 8, 32)).astype(np.float32)}
     result, index = quantize(model, calib)
     found = decision(result, "bias")
-    assert (found.quantized, found.reason, found.category) == (False, "constant operand (bias add)", "bias add")
+    assert (found.quantized, found.reason, found.category) == (
+        False,
+        "constant operand (bias add)",
+        "bias add",
+    )
     assert index.reads_dq("bias") == [False, False]
     assert index.nodes["bias"].input[1] == "b" and index.initializers["b"].data_type == TensorProto.FLOAT
 
@@ -327,6 +336,8 @@ def test_batch_norm_is_folded_before_placement() -> None:
     model = model_builders.residual_cnn(seed=4)
     result, index = quantize(model, model_builders.cnn_inputs(1, 16))
     assert "BatchNormalization" not in index.ops
+    weights = [u for u in decision(result, "conv1").uses if u.role == "weight"]
+    assert len(weights) == 1 and weights[0].tensor != "w1" and weights[0].axis == 0  # the folded weight
     conv1 = index.nodes["conv1"]
     # the folded weight is the one quantized, and the folded bias stays float
     weight_dq = index.dq_feeding("conv1", 1)
@@ -353,7 +364,12 @@ RESIDUAL = """g (float[N, 16, 8, 8] x) => (float[N, 16, 8, 8] y) {{
 
 def residual_model(lhs: str, rhs: str, seed: int = 5) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    inits = {"w1": randn(rng, 16, 16, 3, 3), "b1": randn(rng, 16), "w2": randn(rng, 16, 16, 3, 3), "b2": randn(rng, 16)}
+    inits = {
+        "w1": randn(rng, 16, 16, 3, 3),
+        "b1": randn(rng, 16),
+        "w2": randn(rng, 16, 16, 3, 3),
+        "b2": randn(rng, 16),
+    }
     return build(RESIDUAL.format(lhs=lhs, rhs=rhs), inits)
 
 
@@ -373,7 +389,7 @@ def test_residual_add_quantizes_the_skip_input(lhs: str, rhs: str, skip_index: i
     assert quantize_node.input[0] == "r1"
     # conv2 reads r1 through the same Q/DQ (one tensor, one pair)
     assert index.nodes["conv2"].input[0] == index.nodes["add"].input[skip_index]
-    assert_no_qdq_on_graph_outputs(index)
+    assert_no_qdq_on_graph_outputs(index, model)
     feed = {"x": np.random.default_rng(7).standard_normal((4, 16, 8, 8)).astype(np.float32)}
     assert snr_db(run(model, feed)[0], run(index.proto, feed)[0]) > 30
 
@@ -481,7 +497,9 @@ SOFTMAX = """g (float[N, 8, 32] x) => (float[N, 8, 32] y) {
     ],
     ids=["gelu_erf", "gelu_op20", "layernorm_op", "layernorm_decomposed", "softmax"],
 )  # fmt: skip
-def test_precision_sensitive_ops_stay_float(text: str, opset: int, float_nodes: list[str], decided: dict) -> None:
+def test_precision_sensitive_ops_stay_float(
+    text: str, opset: int, float_nodes: list[str], decided: dict
+) -> None:
     rng = np.random.default_rng(10)
     inits = {
         "w1": randn(rng, 32, 32, scale=0.2),
@@ -508,7 +526,7 @@ def test_precision_sensitive_ops_stay_float(text: str, opset: int, float_nodes: 
     # the MatMul after the float block still runs in INT8
     assert decision(result, "down").quantized
     assert index.reads_dq("down") == [True, True]
-    assert_no_qdq_on_graph_outputs(index)
+    assert_no_qdq_on_graph_outputs(index, model)
     feed = {"x": rng.standard_normal((4, 8, 32)).astype(np.float32)}
     assert snr_db(run(model, feed)[0], run(index.proto, feed)[0]) > 25
 
@@ -572,11 +590,11 @@ def test_quantized_tensor_that_is_a_graph_output_stays_float_there() -> None:
         {"w": randn(rng, 16, 16, 3, 3)},
     )
     result, index = quantize(model, {"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)})
-    assert [(u.tensor, u.input_index) for u in decision(result, "conv").uses][0] == ("r", 0)
+    assert ("r", 0) in {(u.tensor, u.input_index) for u in decision(result, "conv").uses}
     assert [o.name for o in index.proto.graph.output] == ["r", "y"]
     assert index.producer_op("r") == "Relu"
     assert index.activation_qdq("conv", 0)[0].input[0] == "r"
-    assert_no_qdq_on_graph_outputs(index)
+    assert_no_qdq_on_graph_outputs(index, model)
     feed = {"x": rng.standard_normal((2, 16, 8, 8)).astype(np.float32)}
     np.testing.assert_array_equal(run(index.proto, feed)[0], run(model, feed)[0])
 
@@ -640,7 +658,11 @@ def test_concat_inputs_and_output_share_one_scale() -> None:
             [conv_c] y = Conv<pads = [1, 1, 1, 1]>(cat, wc)
         }""",
         # branch b is ten times larger: without sharing, the scales would differ
-        {"wa": randn(rng, 16, 16, 3, 3), "wb": randn(rng, 16, 16, 3, 3, scale=1.0), "wc": randn(rng, 32, 32, 3, 3)},
+        {
+            "wa": randn(rng, 16, 16, 3, 3),
+            "wb": randn(rng, 16, 16, 3, 3, scale=1.0),
+            "wc": randn(rng, 32, 32, 3, 3),
+        },
     )
     calib = {"x": rng.standard_normal((16, 16, 8, 8)).astype(np.float32)}
     result, index = quantize(model, calib)
@@ -692,7 +714,11 @@ def attention(**options):
 
 def test_attention_bmms_are_quantized() -> None:
     model, result, index = attention()
-    bmms = [d for d in result.plan.decisions if d.op_type == "MatMul" and all(u.role == "activation" for u in d.uses)]
+    bmms = [
+        d
+        for d in result.plan.decisions
+        if d.op_type == "MatMul" and all(u.role == "activation" for u in d.uses)
+    ]
     bmms = [d for d in bmms if len(d.uses) == 2]
     assert {tuple(u.tensor for u in d.uses) for d in bmms} == {("q4", "kt"), ("probs", "v4")}
     for found in bmms:
@@ -717,13 +743,15 @@ def test_attention_bmms_left_out_with_quantize_bmm_false() -> None:
     weight_matmuls = [d for d in result.plan.decisions if d.op_type == "MatMul" and d.quantized]
     assert len(weight_matmuls) == 6
     assert all(any(u.role == "weight" for u in d.uses) for d in weight_matmuls)
-    assert not any(n.op_type == Q and n.input[0] in ("probs", "q4", "kt", "v4") for n in index.proto.graph.node)
+    assert not any(
+        n.op_type == Q and n.input[0] in ("probs", "q4", "kt", "v4") for n in index.proto.graph.node
+    )
     feed = model_builders.attention_inputs(2, 4)
     assert snr_db(run(model, feed)[0], run(index.proto, feed)[0]) > 18
 
 
 def test_infinite_mask_path_gets_no_qdq() -> None:
-    model, result, index = attention()
+    _, result, index = attention()
     assert set(result.plan.nonfinite) >= {"minus_inf", "additive", "masked"}
     assert "probs" not in result.plan.nonfinite  # Softmax output is finite again
     for tensor in ("minus_inf", "additive", "masked"):
@@ -796,7 +824,7 @@ def test_tensor_seen_non_finite_in_calibration_is_dropped() -> None:
         ),
         (
             "g (float[N, 8, 32] x) => (float[N, 8, 1] y) { [node] y = MatMul(x, w) }",
-            {"w": (32, 1)}, (4, 8, 32), "GEMV (M=8, K=32, N=1): memory bound, no gain", "gemv/tiny",
+            {"w": (32, 1)}, (4, 8, 32), "GEMV (M=?, K=32, N=1): memory bound, no gain", "gemv/tiny",
         ),
         (
             "g (float[1, 32] x) => (float[1, 64] y) { [node] y = Gemm<transB = 1>(x, w) }",
@@ -881,12 +909,6 @@ def test_non_constant_weight_is_skipped(text: str) -> None:
     assert Q not in index.ops and DQ not in index.ops
 
 
-@pytest.mark.xfail(
-    reason="an initializer that is also a graph input can be overridden at run time, but onnxq treats it as "
-    "a constant weight (const_value is set), quantizes it and drops the float initializer while the graph "
-    "input stays: the quantized model then requires the caller to feed 'w'",
-    strict=True,
-)
 def test_initializer_that_is_also_a_graph_input() -> None:
     rng = np.random.default_rng(23)
     model = build(
@@ -897,7 +919,7 @@ def test_initializer_that_is_also_a_graph_input() -> None:
     )
     feed = {"x": rng.standard_normal((2, 16, 8, 8)).astype(np.float32)}
     run(model, feed)  # the float model runs without feeding w
-    result, index = quantize(model, {"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)})
+    _, index = quantize(model, {"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)})
     assert snr_db(run(model, feed)[0], run(index.proto, feed)[0]) > 30
 
 
@@ -945,7 +967,7 @@ def test_every_candidate_has_a_decision(builder, data) -> None:
     result, index = quantize(model, data())
     assert_every_candidate_decided(result, model)
     assert len({d.node for d in result.plan.decisions}) == len(result.plan.decisions)
-    assert_no_qdq_on_graph_outputs(index)
+    assert_no_qdq_on_graph_outputs(index, model)
     assert_zero_points_are_zero(index)
     # every Q/DQ scale is a positive finite float32
     for node in index.proto.graph.node:
