@@ -80,6 +80,11 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-snr", type=float, metavar="DB", help="fail (exit 1) if an output's SNR is lower"
     )
+    parser.add_argument(
+        "--ort-fusions",
+        action="store_true",
+        help="run the quantized model with ONNX Runtime's fused CPU integer kernels (default: Q/DQ as written)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,6 +199,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         providers=_split(args.providers),
         batch_size=args.batch_size,
         max_samples=args.max_samples,
+        ort_fusions=args.ort_fusions,
     )
     print_comparison(result)
     if args.min_snr is not None and result.min_snr_db < args.min_snr:
@@ -205,7 +211,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def print_comparison(result: CompareResult) -> None:
-    table = Table(title=f"onnxq compare ({result.samples} samples)")
+    how = "ORT fused kernels" if result.ort_fusions else "Q/DQ as written"
+    table = Table(title=f"onnxq compare ({result.samples} samples, {how})")
     for column in ("output", "SNR (dB)", "cosine", "max abs error"):
         table.add_column(column)
     for name, metrics in result.outputs.items():

@@ -7,10 +7,10 @@ decisions (``neighbour``, ``shared_scale``) run in a second, backward pass (see 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxq.placement.plan import Plan, TensorUse
@@ -185,7 +185,7 @@ def _rows(dims: list[int | None]) -> int | None:
     leading = dims[:-1]
     if any(d is None for d in leading):
         return None
-    return int(np.prod(leading)) if leading else 1
+    return math.prod(d for d in leading if d is not None)
 
 
 def _match_matmul_weight(node: ir.Node, weight: ir.Value, rule: Rule, context: Context) -> Match:
