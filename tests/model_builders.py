@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 import onnx.parser
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 IR_VERSION = 10
+
+
+def build(
+    text: str, initializers: dict[str, np.ndarray], opset: int = 17, ir_version: int = IR_VERSION
+) -> onnx.ModelProto:
+    """A model from ONNX graph text (the header is added here) plus numpy initializers, checked."""
+    model = onnx.parser.parse_model(f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\n{text}')
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def randn(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run with ONNX Runtime's basic optimizations only: Q/DQ executed as written, the way TensorRT
+    computes them (exact integer accumulation). The extended level fuses signed-activation MatMuls into
+    MatMulIntegerToFloat, whose AVX2 kernel (no VNNI) saturates and would measure ORT, not the placement.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """10 log10(signal energy / error energy), in float64; inf when exact."""
+    reference = np.asarray(reference, np.float64)
+    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
+    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
 
 
 def weights(

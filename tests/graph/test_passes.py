@@ -3,8 +3,6 @@ unique names; each on a small hand-built model, with ONNX Runtime numerics where
 
 from __future__ import annotations
 
-import math
-
 import model_builders
 import numpy as np
 import onnx
@@ -12,8 +10,8 @@ import onnx.checker
 import onnx.parser
 import onnx.version_converter
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
+from model_builders import build, randn, run, snr_db
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
@@ -21,33 +19,6 @@ from onnxq.errors import OnnxqError
 from onnxq.graph import passes
 
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
-
-
-def build(
-    text: str, initializers: dict[str, np.ndarray], opset: int = 17, ir_version: int = 10
-) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\n{text}')
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def randn(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    # basic level: Q/DQ executed as written (see tests/placement/test_tensorrt_rules.py)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
-
-
-def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    reference = np.asarray(reference, np.float64)
-    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
 
 
 def default_opset(proto: onnx.ModelProto) -> int:

@@ -9,9 +9,9 @@ import onnx
 import onnx.checker
 import onnx.parser
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from model_builders import build, randn, run, snr_db
+from onnx import TensorProto
 
 import onnxq
 from onnxq.formats import get_format
@@ -22,31 +22,6 @@ from onnxq.placement.plan import QuantizedTensor
 
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 INT8, UINT8, FP8 = get_format("int8"), get_format("uint8"), get_format("fp8")
-
-
-def build(text: str, initializers: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(f'<ir_version: 10, opset_import: ["" : {opset}]>\n{text}')
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def randn(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    # basic level: Q/DQ executed as written (see tests/placement/test_tensorrt_rules.py)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
-
-
-def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    reference = np.asarray(reference, np.float64)
-    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
 
 
 def weight(name: str, axis: int | None, *consumers: tuple[str, int]) -> QuantizedTensor:

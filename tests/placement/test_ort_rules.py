@@ -3,7 +3,6 @@ Q on Conv outputs after the Relu, and the QLinear kernels ONNX Runtime's optimiz
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import model_builders
@@ -14,22 +13,12 @@ import onnx.parser
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from model_builders import build, randn, snr_db
 from onnx import TensorProto, numpy_helper
 
 import onnxq
 
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
-
-
-def build(text: str, initializers: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(f'<ir_version: 10, opset_import: ["" : {opset}]>\n{text}')
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def randn(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
 def quantize_ort(model: onnx.ModelProto, data, **options) -> tuple[onnxq.api.QuantizeResult, onnx.ModelProto]:
@@ -46,12 +35,6 @@ def session(model: onnx.ModelProto, dump: Path | None = None) -> ort.InferenceSe
     if dump is not None:
         options.optimized_model_filepath = str(dump)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    reference = np.asarray(reference, np.float64)
-    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
 
 
 def producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:

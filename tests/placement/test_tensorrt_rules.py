@@ -16,8 +16,8 @@ import onnx
 import onnx.checker
 import onnx.parser
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
+from model_builders import build, randn, run, snr_db
 from onnx import TensorProto, numpy_helper
 
 import onnxq
@@ -30,40 +30,11 @@ TRT_OPS = {op for rule in load_rule_set("tensorrt").rules for op in rule.op_type
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 
 
-def build(text: str, initializers: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
-    """A model from ONNX text (graph only; the header is added here) plus numpy initializers."""
-    model = onnx.parser.parse_model(f'<ir_version: 10, opset_import: ["" : {opset}]>\n{text}')
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def randn(rng: np.random.Generator, *shape: int, scale: float = 0.1) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
 def quantize(model: onnx.ModelProto, data: dict[str, np.ndarray] | None, **options):
     result = onnxq.quantize(model, calibration_data=data, **options)
     proto = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(proto, full_check=True)
     return result, Index(proto)
-
-
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run with ONNX Runtime's basic optimizations only: Q/DQ executed as written, the way TensorRT
-    computes them (exact integer accumulation). The extended level fuses signed-activation MatMuls into
-    MatMulIntegerToFloat, whose AVX2 kernel (no VNNI) saturates and would measure ORT, not the placement.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
-
-
-def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    reference = np.asarray(reference, np.float64)
-    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference**2)) / noise)
 
 
 @dataclass
