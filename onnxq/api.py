@@ -200,7 +200,8 @@ def _cached_or_calibrated(
 ) -> dict[str, TensorRange]:
     method_options = {"percentile": settings.percentile} if settings.percentile is not None else {}
     method = get_method(settings.calib_method, **method_options)
-    identity = _cache_identity(model, data, settings, method_options)
+    # hashing reads every weight: only done when a cache is asked for
+    identity = _cache_identity(model, data, settings, method_options) if settings.calib_cache is not None else {}
     if settings.calib_cache is not None and Path(settings.calib_cache).exists():
         cached = load_cache(settings.calib_cache, **identity)
         missing = [t for t in tensors if t not in cached]

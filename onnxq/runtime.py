@@ -61,6 +61,9 @@ def make_session(
     options.log_severity_level = 3
     # Exact INT4 block DQ -> MatMul instead of silent int8 compute (ORT's MatMulNBits default).
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    # Pre-packed GEMM weights are a second copy of every weight: calibration of a model as large as
+    # memory would not fit. Measured on a 537 MB model: peak RSS 1204 MB with pre-packing.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     if not fused_kernels or has_float8(model):

@@ -56,6 +56,7 @@ SMALL_MODELS = ("resnet", "vit", "bert")
 BIG_MODEL = "big"
 PRESETS = ("tensorrt", "ort")
 QUANTIZERS = ("onnxq", "ort")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_MODULES = {"onnxq": "onnxq", "ort": "onnxruntime.quantization"}
 QUANTIZER_LABELS = {
     ("onnxq", "tensorrt"): "onnxq int8 (TensorRT, sym)",
@@ -167,6 +168,8 @@ def run_worker(spec_path: Path) -> int:
     """Child entry point: run one job, write {ok, seconds, peak_rss_mb, error} to the job's result path."""
     job = QuantJob(**json.loads(spec_path.read_text()))
     quantize = quantize_with_onnxq if job.quantizer == "onnxq" else quantize_with_ort
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))  # onnxq from this checkout when it is not installed
     importlib.import_module(WORKER_MODULES[job.quantizer])  # keep import time out of the measurement
     start = time.perf_counter()
     try:
@@ -206,6 +209,7 @@ class QuantOutcome:
     error: str = ""
     output_path: str = ""
     snr_db: float | None = None
+    snr_emulated_db: float | None = None
     latency_ms: float | None = None
     eval_error: str = ""
 
@@ -267,11 +271,14 @@ def quantize_in_child(job: QuantJob, work_dir: Path, timeout_s: float) -> QuantO
     return outcome
 
 
-def make_session(model_path: str | Path) -> Any:
-    """A CPU ONNX Runtime session with all graph optimisations."""
+def make_session(model_path: str | Path, optimize: bool = True) -> Any:
+    """A CPU ONNX Runtime session, with all graph optimisations or with none (Q/DQ run as written)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
 def run_model(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -314,7 +321,11 @@ def evaluate_outcome(
     batch: int,
     runs: int,
 ) -> None:
-    """Fill in SNR (worst output) and latency of a quantized model; record load/run errors."""
+    """Fill in SNR (worst output) and latency of a quantized model; record load/run errors.
+
+    SNR is measured twice: as deployed (all ORT optimisations, fused integer kernels) and with graph
+    optimisations off, where ORT runs every Q/DQ as written, so the quantization error alone shows.
+    """
     if not outcome.ok:
         return
     try:
@@ -322,12 +333,16 @@ def evaluate_outcome(
         outputs = run_model(session, eval_data)
         outcome.snr_db = min(snr_db(reference[name], outputs[name]) for name in reference)
         outcome.latency_ms = median_latency_ms(session, latency_feeds(eval_data, batch), runs)
+        del session, outputs
+        emulated = run_model(make_session(outcome.output_path, optimize=False), eval_data)
+        outcome.snr_emulated_db = min(snr_db(reference[name], emulated[name]) for name in reference)
     except Exception as error:  # a model ORT cannot run is a benchmark result
         outcome.eval_error = short_error(error)
     LOG.info(
-        "  %s: SNR %s dB, latency %s ms",
+        "  %s: SNR %s dB (Q/DQ emulated: %s dB), latency %s ms",
         QUANTIZER_LABELS[(outcome.quantizer, outcome.preset)],
         _fmt(outcome.snr_db, 1),
+        _fmt(outcome.snr_emulated_db, 1),
         _fmt(outcome.latency_ms, 2),
     )
 
@@ -422,6 +437,7 @@ TABLE_HEADER = (
     "peak RSS (MB)",
     "RSS onnxq/ORT",
     "SNR vs FP32 (dB)",
+    "SNR, Q/DQ emulated (dB)",
     "ORT CPU latency (ms)",
     "speed-up vs FP32",
 )
@@ -447,6 +463,7 @@ def _outcome_row(report: ModelReport, outcome: QuantOutcome) -> list[str]:
             "-",
             "-",
             "-",
+            "-",
         ]
     snr = f"ORT load/run failed: {outcome.eval_error}" if outcome.eval_error else _fmt(outcome.snr_db, 1)
     speedup = _ratio(report.fp32_latency_ms, outcome.latency_ms)
@@ -458,6 +475,7 @@ def _outcome_row(report: ModelReport, outcome: QuantOutcome) -> list[str]:
         _fmt(outcome.peak_rss_mb, 0),
         rss_ratio or "",
         snr,
+        _fmt(outcome.snr_emulated_db, 1),
         _fmt(outcome.latency_ms, 2),
         speedup,
     ]
@@ -467,7 +485,7 @@ def markdown_table(reports: list[ModelReport]) -> str:
     """The main comparison table."""
     lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for report in reports:
-        fp32 = [report.name, "FP32 (reference)", "", "", "", "", "", _fmt(report.fp32_latency_ms, 2), "1.00"]
+        fp32 = [report.name, "FP32 (reference)", *[""] * 6, _fmt(report.fp32_latency_ms, 2), "1.00"]
         lines.append("| " + " | ".join(fp32) + " |")
         lines += ["| " + " | ".join(_outcome_row(report, outcome)) + " |" for outcome in report.outcomes]
     return "\n".join(lines)
@@ -512,7 +530,9 @@ def report_notes(reports: list[ModelReport]) -> list[str]:
         f"Latency: ONNX Runtime {_ort_version()} CPU EP, {os.cpu_count()} cores, "
         f"median of {LATENCY_RUNS} runs ({BIG_LATENCY_RUNS} for the big model) "
         f"after {LATENCY_WARMUP} warm-up runs; {batches}.",
-        "SNR: 10 log10(sum ref^2 / sum (ref - q)^2) of the output on the held-out eval set (worst output).",
+        "SNR: 10 log10(sum ref^2 / sum (ref - q)^2) of the output on the held-out eval set (worst output), "
+        "as deployed (ORT_ENABLE_ALL: fused integer kernels) and with graph optimisations off "
+        "(ORT_DISABLE_ALL: every Q/DQ run as written, i.e. the quantization error alone).",
         "Quantize time is measured inside each worker process around the quantize call; peak RSS is the "
         "worker's VmHWM (its own high-water RSS: interpreter and imports included for both quantizers; "
         "wait4's ru_maxrss would include the parent's RSS inherited at exec).",

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
@@ -83,10 +84,12 @@ QUICK_SAMPLES = 16
 DEFAULT_EVAL_SAMPLES = 32
 QUICK_EVAL_SAMPLES = 8
 DEFAULT_CALIB_BATCH = 32
+QUICK_CALIB_BATCH = 8
+QUICK_JOBS = 2
 # ONNX Runtime's histogram calibrators take minutes per pass at 256 samples on 2 cores; sections 2 and 3
 # use the first samples of the calibration set (the same ones for both tools) to keep a run ~15 minutes.
-DEFAULT_ACCURACY_SAMPLES = 64
-DEFAULT_INVARIANCE_SAMPLES = 64
+DEFAULT_ACCURACY_SAMPLES = 32
+DEFAULT_INVARIANCE_SAMPLES = 32
 EVAL_BATCH = 8
 MIN_FALLBACK_SAMPLES = 8
 FALLBACK_DIVISOR = 4
@@ -278,6 +281,12 @@ def ort_calibration_tensors(model_path: Path) -> list[str]:
 # ======================================================================================================
 
 
+def current_rss_mb() -> float:
+    """Current RSS of this process in MB (``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / MIB
+
+
 def self_peak_rss_mb() -> float:
     """Peak RSS of this process so far, in MB (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / MIB
@@ -295,6 +304,14 @@ def working_directory(path: Path) -> Iterator[None]:
 
 
 Feeds = dict[str, np.ndarray]
+
+
+def private_link(model: Path, folder: Path) -> Path:
+    """A symlink to ``model`` in ``folder``: ONNX Runtime's quantization tools write ``<stem>-inferred.onnx``
+    next to the model they load, which collides when two children load the same model at once."""
+    link = folder / model.name
+    link.symlink_to(model.resolve())
+    return link
 
 
 def load_feeds(path: Path | str, count: int | None = None) -> Feeds:
@@ -482,13 +499,13 @@ def job_ort_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     data = load_feeds(spec["data"], spec["samples"])
-    work = Path(spec["workdir"])
+    tmp = Path(tempfile.mkdtemp(dir=spec["workdir"]))
     baseline = self_peak_rss_mb()
     t0 = time.perf_counter()
     calibrator = create_calibrator(
-        Path(spec["model"]),
+        private_link(Path(spec["model"]), tmp),
         None,
-        augmented_model_path=str(work / f"{spec['name']}.augmented.onnx"),
+        augmented_model_path=str(tmp / "augmented.onnx"),
         calibrate_method=CalibrationMethod[spec["method"]],
         extra_options={"symmetric": True},
     )
@@ -505,6 +522,8 @@ def job_ort_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     result = calibrator.compute_data()
     elapsed = time.perf_counter() - t0
     ranges = ort_ranges(result)
+    del calibrator
+    shutil.rmtree(tmp, ignore_errors=True)
     if spec.get("ranges_out"):
         save_ranges(Path(spec["ranges_out"]), ranges)
     return {
@@ -554,7 +573,7 @@ def job_ort_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=spec["workdir"]) as tmp, working_directory(Path(tmp)):
         quantize_static(
-            spec["model"],
+            str(private_link(Path(spec["model"]), Path(tmp))),
             str(out),
             ArrayReader(data, spec["batch_size"]),
             quant_format=QuantFormat.QDQ,
@@ -618,17 +637,12 @@ def evaluate(model_path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "ort_calibrate": job_ort_calibrate,
-    "onnxq_calibrate": job_onnxq_calibrate,
-    "ort_quantize": job_ort_quantize,
-    "onnxq_quantize": job_onnxq_quantize,
-}
-
-
 def child_main(spec_path: Path) -> int:
     """Entry point of a child: run one job, write its result JSON (error included), exit 0."""
     spec = json.loads(spec_path.read_text())
+    # Cap the address space first, so that over-allocation raises instead of waking the OOM killer.
+    limit = int(spec["mem_limit_bytes"])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     logging.basicConfig(level=logging.INFO, format=f"  [{spec['name']}] %(message)s", stream=sys.stderr)
     result: dict[str, Any]
     try:
@@ -670,19 +684,31 @@ class ChildOutcome:
 
 
 class Runner:
-    """Runs child jobs one at a time under a memory limit and measures each child's peak RSS."""
+    """Runs child jobs under a memory limit and measures each child's peak RSS.
+
+    Linux seeds a child's ``ru_maxrss`` with the RSS of the process that forked it (the copied address
+    space's high-water mark is carried over by exec), so the parent must stay small: it never imports
+    torch, onnx, onnxruntime or onnxq, and the model and data are built in a ``prepare`` child. The
+    largest parent RSS seen at a spawn is reported; it is a floor under every measured peak.
+    """
 
     def __init__(self, workdir: Path, mem_limit_gb: float, timeout_s: float) -> None:
         self.workdir = workdir
         self.mem_limit_bytes = int(mem_limit_gb * GIB)
         self.timeout_s = timeout_s
+        self.max_parent_rss_mb = 0.0
         # Children run a frozen copy of this script, so editing it during a run cannot mix versions.
         self.script = workdir / CHILD_SCRIPT
         shutil.copyfile(Path(__file__).resolve(), self.script)
 
-    def _limit(self) -> None:
-        """``preexec_fn``: cap the child's address space so over-allocation raises instead of OOM-killing."""
-        resource.setrlimit(resource.RLIMIT_AS, (self.mem_limit_bytes, self.mem_limit_bytes))
+    def run_many(
+        self, jobs: Sequence[tuple[str, str, dict[str, Any]]], parallel: int = 1
+    ) -> list[ChildOutcome]:
+        """Run ``(name, job, spec)`` children, ``parallel`` at a time (peak RSS stays per child)."""
+        if parallel <= 1:
+            return [self.run(name, job, **spec) for name, job, spec in jobs]
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            return list(pool.map(lambda item: self.run(item[0], item[1], **item[2]), jobs))
 
     def run(self, name: str, job: str, **spec: Any) -> ChildOutcome:
         """Run ``job`` in a fresh interpreter; return its payload with the measured peak RSS and wall time."""
@@ -690,9 +716,17 @@ class Runner:
         result_path = self.workdir / f"{name}.result.json"
         log_path = self.workdir / f"{name}.log"
         result_path.unlink(missing_ok=True)
-        spec.update(name=name, job=job, result=str(result_path), workdir=str(self.workdir))
+        spec.update(
+            name=name,
+            job=job,
+            result=str(result_path),
+            workdir=str(self.workdir),
+            mem_limit_bytes=self.mem_limit_bytes,
+        )
         spec_path.write_text(json.dumps(spec, default=str))
-        LOG.info("▶ %s", name)
+        parent_rss = current_rss_mb()
+        self.max_parent_rss_mb = max(self.max_parent_rss_mb, parent_rss)
+        LOG.info("▶ %s (parent RSS %.0f MB)", name, parent_rss)
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -703,7 +737,6 @@ class Runner:
                 [sys.executable, str(self.script), "--child", str(spec_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=self._limit,
                 env=env,
                 cwd=self.workdir,
             )
@@ -763,6 +796,7 @@ class BenchConfig:
     accuracy_samples: int
     invariance_samples: int
     calib_batch: int
+    jobs: int
     mem_limit_gb: float
     out: Path
     skip_accuracy: bool
@@ -784,6 +818,7 @@ class Prepared:
     reference: Path
     node_count: int
     samples: int
+    ort_version: str
     #: models of the accuracy section: the transformer first, then the optional CNN
     accuracy: list[AccuracyModel] = dataclasses.field(default_factory=list)
 
@@ -858,22 +893,18 @@ def prepare_cnn(workdir: Path) -> AccuracyModel | None:
 def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
     """Export the model, generate the data, compute the FP32 reference and ONNX Runtime's tensor list."""
     import onnx
+    import onnxruntime as ort
 
+    spec = cfg.spec
     model = workdir / "transformer.onnx"
     LOG.info(
         "building transformer: %d layers, hidden %d, %d heads, FFN %d, seq %d (opset %d)",
-        cfg.spec.layers,
-        cfg.spec.hidden,
-        cfg.spec.heads,
-        cfg.spec.ffn,
-        cfg.spec.seq_len,
-        OPSET,
+        *(spec.layers, spec.hidden, spec.heads, spec.ffn, spec.seq_len, OPSET),
     )
-    export_transformer(cfg.spec, model)
+    export_transformer(spec, model)
     calib, held_out = workdir / "calib.npz", workdir / "eval.npz"
-    np.savez(calib, **{INPUT_NAME: make_hidden_states(cfg.spec, cfg.samples, CALIB_STREAM)})
-    eval_data = {INPUT_NAME: make_hidden_states(cfg.spec, cfg.eval_samples, EVAL_STREAM)}
-    np.savez(held_out, **eval_data)
+    np.savez(calib, **{INPUT_NAME: make_hidden_states(spec, cfg.samples, CALIB_STREAM)})
+    np.savez(held_out, **{INPUT_NAME: make_hidden_states(spec, cfg.eval_samples, EVAL_STREAM)})
     LOG.info("data: %d calibration + %d held-out samples", cfg.samples, cfg.eval_samples)
     reference = write_reference(model, held_out, workdir / "reference.npz")
     names = ort_calibration_tensors(model)
@@ -881,7 +912,9 @@ def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
     tensors.write_text(json.dumps(names))
     nodes = len(onnx.load(str(model)).graph.node)
     LOG.info("model: %d nodes; ONNX Runtime calibrates %d tensors", nodes, len(names))
-    prep = Prepared(model, tensors, len(names), calib, held_out, reference, nodes, cfg.samples)
+    prep = Prepared(
+        model, tensors, len(names), calib, held_out, reference, nodes, cfg.samples, ort.__version__
+    )
     acc_calib = subset_file(calib, cfg.accuracy_samples, workdir)
     prep.accuracy.append(
         AccuracyModel("transformer", model, acc_calib, held_out, reference, cfg.accuracy_samples)
@@ -891,6 +924,48 @@ def prepare(cfg: BenchConfig, workdir: Path) -> Prepared:
         if cnn is not None:
             prep.accuracy.append(cnn)
     return prep
+
+
+def job_prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child job: :func:`prepare` (torch, onnx and the data stay out of the parent, see :class:`Runner`)."""
+    cfg = config_from_json(spec["config"])
+    status = onnxq_status()  # before torch is imported, so that the check sees onnxq as a user would
+    prepared = to_jsonable(dataclasses.asdict(prepare(cfg, Path(spec["workdir"]))))
+    return {"prepared": prepared, "onnxq": list(status)}
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclass dicts with ``Path`` values -> JSON-ready values."""
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def prepared_from_json(data: dict[str, Any]) -> Prepared:
+    """Inverse of ``to_jsonable(dataclasses.asdict(prepared))``."""
+    paths = {"model", "tensors", "calib", "eval", "reference"}
+    fields = {k: Path(v) if k in paths else v for k, v in data.items() if k != "accuracy"}
+    accuracy = [
+        AccuracyModel(**{k: Path(v) if k in paths else v for k, v in am.items()}) for am in data["accuracy"]
+    ]
+    return Prepared(**fields, accuracy=accuracy)
+
+
+def config_to_json(cfg: BenchConfig) -> dict[str, Any]:
+    """A :class:`BenchConfig` as JSON-ready values."""
+    return to_jsonable(dataclasses.asdict(cfg))
+
+
+def config_from_json(data: dict[str, Any]) -> BenchConfig:
+    """Inverse of :func:`config_to_json`."""
+    fields = dict(data)
+    fields["spec"] = ModelSpec(**data["spec"])
+    fields["out"] = Path(data["out"])
+    fields["ort_methods"] = tuple(data["ort_methods"])
+    fields["onnxq_methods"] = tuple(data["onnxq_methods"])
+    return BenchConfig(**fields)
 
 
 def fallback_counts(samples: int) -> list[int]:
@@ -925,28 +1000,40 @@ class CalibRuns:
         """A calibration file with the first ``samples`` samples (written once)."""
         return subset_file(self.prep.calib, samples, self.runner.workdir)
 
+    @staticmethod
+    def key(variant: str, samples: int, batch: int) -> tuple[str, int, int]:
+        """Cache key; per-batch collect_data over a single batch is the one-pass calibration."""
+        if variant == ORT_STREAM and samples <= batch:
+            variant = ORT_SINGLE
+        return variant, samples, batch
+
     def run(self, variant: str, samples: int, batch: int) -> tuple[ChildOutcome, Path]:
         """Run (or reuse) one calibration; returns the outcome and the file its ranges were saved to."""
-        key = (variant, samples, batch)
-        if key not in self.done:
+        self.run_all([(variant, samples, batch)])
+        return self.done[self.key(variant, samples, batch)]
+
+    def run_all(self, wanted: Sequence[tuple[str, int, int]], parallel: int = 1) -> None:
+        """Run the calibrations of ``wanted`` not done yet, ``parallel`` at a time."""
+        keys = list(dict.fromkeys(self.key(*w) for w in wanted if self.key(*w) not in self.done))
+        jobs, paths = [], []
+        for variant, samples, batch in keys:
             job, options = CALIB_VARIANTS[variant]
             tag = "_".join(variant.split()[:2]).lower().replace("onnx_runtime", "ort")
             tag += "_stream" if options.get("streaming") else ""
             name = f"calib_{tag}_{samples}_b{batch}"
-            path = self.runner.workdir / f"{name}.ranges.npz"
-            outcome = self.runner.run(
-                name,
-                job,
-                model=str(self.prep.model),
-                tensors=str(self.prep.tensors),
-                data=str(self.data(samples)),
-                samples=samples,
-                batch_size=batch,
-                ranges_out=str(path),
+            paths.append(self.runner.workdir / f"{name}.ranges.npz")
+            spec = {
+                "model": str(self.prep.model),
+                "tensors": str(self.prep.tensors),
+                "data": str(self.data(samples)),
+                "samples": samples,
+                "batch_size": batch,
+                "ranges_out": str(paths[-1]),
                 **options,
-            )
+            }
+            jobs.append((name, job, spec))
+        for key, outcome, path in zip(keys, self.runner.run_many(jobs, parallel), paths):
             self.done[key] = (outcome, path)
-        return self.done[key]
 
 
 def bench_memory(cfg: BenchConfig, runs: CalibRuns, onnxq_ok: bool) -> list[dict[str, Any]]:
@@ -1024,24 +1111,29 @@ def bench_accuracy(cfg: BenchConfig, prep: Prepared, runner: Runner, onnxq_ok: b
     ONNX Runtime calibrates with ``CalibStridedMinMax`` (one ``collect_data`` per calibration batch; despite
     its name it applies to every method): its one-pass calibrators do not fit in memory at full size.
     """
-    rows: list[dict[str, Any]] = []
     b = cfg.calib_batch
+    jobs: list[tuple[str, str, dict[str, Any]]] = []
+    labels: list[tuple[AccuracyModel, str, str, str]] = []
     for am in prep.accuracy:
         tag = am.name.split()[0].split("-")[0].lower()
-        if onnxq_ok:
-            for method in cfg.onnxq_methods:
-                outcome = runner.run(
-                    f"acc_{tag}_onnxq_{method}", "onnxq_quantize", **am.spec(), method=method, batch_size=b
+        for method in cfg.onnxq_methods if onnxq_ok else ():
+            jobs.append(
+                (
+                    f"acc_{tag}_onnxq_{method}",
+                    "onnxq_quantize",
+                    {**am.spec(), "method": method, "batch_size": b},
                 )
-                rows.append(acc_row(am, "onnxq (target tensorrt)", method_label(method), outcome, ""))
+            )
+            labels.append((am, "onnxq (target tensorrt)", method_label(method), ""))
         for method in cfg.ort_methods:
-            outcome = runner.run(
-                f"acc_{tag}_ort_{method}", "ort_quantize", **am.spec(), method=method, batch_size=b, stride=b
-            )
-            rows.append(
-                acc_row(am, "ONNX Runtime QDQ", method_label(method), outcome, f"CalibStridedMinMax={b}")
-            )
-    return rows
+            spec = {**am.spec(), "method": method, "batch_size": b, "stride": b}
+            jobs.append((f"acc_{tag}_ort_{method}", "ort_quantize", spec))
+            labels.append((am, "ONNX Runtime QDQ", method_label(method), f"CalibStridedMinMax={b}"))
+    outcomes = runner.run_many(jobs, cfg.jobs)
+    return [
+        acc_row(am, tool, method, outcome, note)
+        for (am, tool, method, note), outcome in zip(labels, outcomes)
+    ]
 
 
 def method_label(method: str) -> str:
@@ -1100,6 +1192,7 @@ def bench_invariance(cfg: BenchConfig, runs: CalibRuns, onnxq_ok: bool) -> list[
     n = cfg.invariance_samples
     big = min(cfg.calib_batch, n)
     variants = [ORT_STREAM, ORT_SINGLE, *([ONNXQ_ENTROPY] if onnxq_ok else [])]
+    runs.run_all([(v, n, batch) for v in variants for batch in (1, big)], cfg.jobs)
     rows = []
     for variant in variants:
         (small_out, small_path), (big_out, big_path) = runs.run(variant, n, 1), runs.run(variant, n, big)
@@ -1153,10 +1246,9 @@ def render(
     inv: list[dict[str, Any]],
     total_s: float,
     load: tuple[float, float],
+    parent_rss: float,
 ) -> str:
     """The Markdown report."""
-    import onnxruntime as ort
-
     spec = cfg.spec
     lines = [
         "# Calibration benchmark: onnxq vs ONNX Runtime",
@@ -1169,11 +1261,12 @@ def render(
         f"streams {CALIB_STREAM}/{EVAL_STREAM}); calibration batch {cfg.calib_batch}; the accuracy section "
         f"calibrates both tools on the first {cfg.accuracy_samples} samples, the invariance section on the "
         f"first {cfg.invariance_samples}",
-        f"- ONNX Runtime {ort.__version__} calibrates {prep.tensor_count} tensors with "
+        f"- ONNX Runtime {prep.ort_version} calibrates {prep.tensor_count} tensors with "
         "`op_types_to_calibrate=None`; onnxq's low-level calibration is given the same tensor names",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; each "
         "measurement in its own child process; peak RSS = that child's `ru_maxrss` (os.wait4); address space "
-        f"capped at {cfg.mem_limit_gb:g} GB per child; load average at start/end {load[0]:.1f}/{load[1]:.1f}",
+        f"capped at {cfg.mem_limit_gb:g} GB per child; the parent's RSS at a spawn (a floor under every peak, "
+        f"see `Runner`) was at most {parent_rss:.0f} MB; load average at start/end {load[0]:.1f}/{load[1]:.1f}",
         f"- onnxq: {status}",
         f"- Total benchmark time: {total_s:.0f} s",
         "",
@@ -1196,6 +1289,8 @@ def render(
         "## 2. Accuracy: output SNR vs FP32 on held-out data (INT8 symmetric)",
         "",
     ]
+    if cfg.jobs > 1:
+        lines += [f"Children of this section ran {cfg.jobs} at a time: their times are not comparable.", ""]
     lines += [
         "| model | tool | method | calib samples | Q nodes | SNR (dB) | quantize time (s) | peak RSS (MB) "
         "| status | notes |",
@@ -1242,6 +1337,15 @@ def ratio_lines(mem: list[dict[str, Any]]) -> list[str]:
 # ======================================================================================================
 
 
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "ort_calibrate": job_ort_calibrate,
+    "onnxq_calibrate": job_onnxq_calibrate,
+    "ort_quantize": job_ort_quantize,
+    "onnxq_quantize": job_onnxq_quantize,
+    "prepare": job_prepare,
+}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(
@@ -1270,7 +1374,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--layers", type=int, default=None, help=f"encoder layers (default {FULL_LAYERS})")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 16 samples, < 1 minute")
-    p.add_argument("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH, help="calibration batch size")
+    p.add_argument(
+        "--calib-batch",
+        type=int,
+        default=None,
+        help=f"calibration batch size (default {DEFAULT_CALIB_BATCH})",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="children of sections 2 and 3 run at once (default 1; --quick: 2); >1 skews section 2 times",
+    )
     p.add_argument(
         "--mem-limit-gb", type=float, default=DEFAULT_MEM_LIMIT_GB, help="address-space cap per child"
     )
@@ -1296,7 +1411,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         eval_samples=eval_samples,
         accuracy_samples=min(args.accuracy_samples or DEFAULT_ACCURACY_SAMPLES, samples),
         invariance_samples=min(args.invariance_samples or DEFAULT_INVARIANCE_SAMPLES, samples),
-        calib_batch=min(args.calib_batch, samples),
+        calib_batch=min(
+            args.calib_batch or (QUICK_CALIB_BATCH if args.quick else DEFAULT_CALIB_BATCH), samples
+        ),
+        jobs=args.jobs or (QUICK_JOBS if args.quick else 1),
         mem_limit_gb=args.mem_limit_gb,
         out=args.out,
         skip_accuracy=args.skip_accuracy,
@@ -1319,10 +1437,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
-    calib_ok, quant_ok, status = onnxq_status()
-    LOG.info("onnxq: %s", status)
-    prep = prepare(cfg, workdir)
     runner = Runner(workdir, cfg.mem_limit_gb, args.timeout)
+    prepared = runner.run("prepare", "prepare", config=config_to_json(cfg))
+    if not prepared.ok:
+        LOG.error("preparing the model and data failed: %s", prepared.error)
+        return 1
+    prep = prepared_from_json(prepared.get("prepared"))
+    calib_ok, quant_ok, status = prepared.get("onnxq")
+    LOG.info("onnxq: %s", status)
     LOG.info("== 1. entropy calibration memory/time")
     runs = CalibRuns(runner, prep)
     mem = bench_memory(cfg, runs, calib_ok)
@@ -1335,7 +1457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("== 3. batch-size invariance")
         inv = bench_invariance(cfg, runs, calib_ok)
     load = (load_start, os.getloadavg()[0])
-    report = render(cfg, prep, status, mem, acc, inv, time.perf_counter() - t0, load)
+    report = render(
+        cfg, prep, status, mem, acc, inv, time.perf_counter() - t0, load, runner.max_parent_rss_mb
+    )
     (cfg.out / "bench_calib.md").write_text(report)
     print(report)
     LOG.info("wrote %s", cfg.out / "bench_calib.md")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,14 @@ MAX_ACCURACY_DROP_POINTS = 2.0
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 QUANTIZE_TIMEOUT_S = 300
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TABLE_NOTES = (
+    "quantize: wall time of the `python -m onnxq quantize` process (start-up and imports included).",
+    "SNR: onnxq.compare of the logits on the test split. Latency: ONNX Runtime CPU EP, median of "
+    f"{LATENCY_RUNS} runs of one batch of {LATENCY_BATCH} images.",
+    "CPU latency of TensorRT-style Q/DQ graphs says nothing about TensorRT speed (ORT CPU emulates many of "
+    "them); the `--target ort` graph is the one laid out for ORT's CPU kernels.",
+)
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,13 @@ def write_data(splits: Splits, out_dir: Path) -> tuple[Path, Path]:
     return calib_path, test_path
 
 
+def onnxq_env() -> dict[str, str]:
+    """The environment for onnxq subprocesses, with the repository root importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
 def quantize_with_cli(model_path: Path, calib_path: Path, variant: Variant, out_path: Path) -> float:
     """Run ``python -m onnxq quantize`` for one variant; return its wall time in seconds."""
     command = [
@@ -197,7 +213,7 @@ def quantize_with_cli(model_path: Path, calib_path: Path, variant: Variant, out_
     LOG.info("running: %s", " ".join(command))
     start = time.perf_counter()
     completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT_S, check=False
+        command, capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT_S, check=False, env=onnxq_env()
     )
     seconds = time.perf_counter() - start
     if completed.returncode != 0:
@@ -234,6 +250,8 @@ def latency_ms(session: ort.InferenceSession, images: np.ndarray) -> float:
 
 def output_snr_db(reference: Path, quantized: Path, data: Path) -> float:
     """Output SNR of ``quantized`` against ``reference`` on ``data`` via ``onnxq.compare``."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
     import onnxq
 
     result = onnxq.compare(str(reference), str(quantized), str(data))
@@ -261,6 +279,8 @@ def format_table(rows: list[Row]) -> str:
             f"{row.latency_ms:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {note}" for note in TABLE_NOTES]
     return "\n".join(lines)
 
 

@@ -342,6 +342,8 @@ def _hash_tensor(hasher: _Hasher, tensor: ir.TensorProtocol | None) -> None:
     hasher.text(str(tensor.dtype))
     hasher.text(str(tuple(tensor.shape)))
     hasher.data(tensor.tobytes())
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()  # unmap: hashing a model as large as memory must not keep it resident
 
 
 def _hash_value(hasher: _Hasher, value: ir.Value | None, with_type: bool) -> None:
