@@ -25,7 +25,6 @@ from onnxq.calibration.statistics import TensorStats
 from onnxq.errors import OnnxqError
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
-from onnxq.formats.int8_reduced import Int8ReducedRangeFormat
 from onnxq.graph import passes
 from onnxq.graph.qdq import InsertionStats, insert_qdq
 from onnxq.model_io import DEFAULT_IR_VERSION, load_model, save_model
@@ -98,7 +97,7 @@ def quantize(
     timer.lap("prepare")
     plan = plan_placement(working, load_rule_set(settings.target, settings.patterns), _placement(settings))
     timer.lap("plan")
-    activation_format, weight_format = formats_for(settings.mode, plan, settings)
+    activation_format, weight_format = formats_for(settings.mode, settings)
     ranges = _calibrate(working, plan, calibration_data, activation_format, settings)
     timer.lap("calibrate")
     params = activation_parameters(plan, ranges, activation_format, _symmetric(settings))
@@ -165,14 +164,12 @@ def _symmetric(settings: QuantizeOptions) -> bool:
     return load_rule_set(settings.target, settings.patterns).activation_symmetric or settings.mode != "int8"
 
 
-def formats_for(mode: str, plan: Plan, settings: QuantizeOptions) -> tuple[NumberFormat, NumberFormat]:
+def formats_for(mode: str, settings: QuantizeOptions) -> tuple[NumberFormat, NumberFormat]:
     """(activation format, weight format): INT8 for ONNX Runtime uses uint8 asymmetric activations."""
-    rules = load_rule_set(settings.target, settings.patterns)
     if mode != "int8":
         return get_format(mode), get_format(mode)
-    weight_format = Int8ReducedRangeFormat() if rules.reduce_weight_range else get_format("int8")
     activation_format = get_format("int8") if _symmetric(settings) else get_format("uint8")
-    return activation_format, weight_format
+    return activation_format, get_format("int8")
 
 
 def _calibrate(
@@ -201,7 +198,9 @@ def _cached_or_calibrated(
     method_options = {"percentile": settings.percentile} if settings.percentile is not None else {}
     method = get_method(settings.calib_method, **method_options)
     # hashing reads every weight: only done when a cache is asked for
-    identity = _cache_identity(model, data, settings, method_options) if settings.calib_cache is not None else {}
+    identity = (
+        _cache_identity(model, data, settings, method_options) if settings.calib_cache is not None else {}
+    )
     if settings.calib_cache is not None and Path(settings.calib_cache).exists():
         cached = load_cache(settings.calib_cache, **identity)
         missing = [t for t in tensors if t not in cached]

@@ -6,6 +6,7 @@ from onnxq.errors import OnnxqError
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.formats.fp8_e4m3 import Fp8E4M3Format
 from onnxq.formats.int8 import Int8Format
+from onnxq.formats.int8_reduced import Int8ReducedRangeFormat
 from onnxq.formats.uint8 import Uint8Format
 
 __all__ = ["ALIASES", "FORMATS", "NumberFormat", "QuantParams", "get_format", "register_format"]
@@ -14,6 +15,7 @@ FORMATS: dict[str, NumberFormat] = {
     "int8": Int8Format(),
     "uint8": Uint8Format(),
     "fp8": Fp8E4M3Format(),
+    "int8_reduced": Int8ReducedRangeFormat(),
 }
 #: other spellings users type for a registered format
 ALIASES: dict[str, str] = {"fp8_e4m3": "fp8"}

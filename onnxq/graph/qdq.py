@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.graph.passes import forget_names, unique_name, values_by_name
 from onnxq.placement.plan import QuantizedTensor
@@ -43,11 +44,19 @@ def insert_qdq(
         value = values[tensor.name]
         consumers = _consumers(value, tensor, nodes)
         if tensor.role == "weight":
-            _quantize_weight(graph, value, tensor.axis, consumers, weight_format, stats)
+            fmt = _weight_format(tensor, weight_format)
+            _quantize_weight(graph, value, tensor.axis, consumers, fmt, stats)
         elif tensor.name in activation_params:
             _quantize_activation(graph, value, consumers, activation_params[tensor.name], activation_format)
             stats.activations += 1
     return stats
+
+
+def _weight_format(tensor: QuantizedTensor, default: NumberFormat) -> NumberFormat:
+    """The rule's INT8 storage grid applies only when weights are INT8 at all."""
+    if tensor.int8_weight_format and default.name == "int8":
+        return get_format(tensor.int8_weight_format)
+    return default
 
 
 def _consumers(

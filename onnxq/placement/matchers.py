@@ -58,10 +58,10 @@ def _static_dims(value: ir.Value | None) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in value.shape]
 
 
-def _weight_use(node: ir.Node, index: int, axis: int | None) -> TensorUse:
+def _weight_use(node: ir.Node, index: int, axis: int | None, rule: Rule) -> TensorUse:
     weight = node.inputs[index]
     assert weight is not None and weight.name is not None
-    return TensorUse(weight.name, "weight", node.name or "", index, axis)
+    return TensorUse(weight.name, "weight", node.name or "", index, axis, rule.get("int8_weight_format"))
 
 
 def _activation_use(node: ir.Node, index: int) -> TensorUse:
@@ -84,7 +84,7 @@ def match_weighted(node: ir.Node, rule: Rule, context: Context) -> Match:
     problem = activation_problem(node.inputs[0], context) or _size_problem(node, weight, rule)
     if problem:
         return problem
-    uses = [_activation_use(node, 0), _weight_use(node, weight_index, _weight_axis(node, weight, rule))]
+    uses = [_activation_use(node, 0), _weight_use(node, weight_index, _weight_axis(node, weight, rule), rule)]
     if rule.get("quantize_output", False):
         uses += _output_use(node, rule, context)
     return uses
@@ -197,7 +197,7 @@ def _match_matmul_weight(node: ir.Node, weight: ir.Value, rule: Rule, context: C
     problem = problem or activation_problem(node.inputs[0], context)
     if problem:
         return problem
-    uses = [_activation_use(node, 0), _weight_use(node, 1, len(shape) - 1)]
+    uses = [_activation_use(node, 0), _weight_use(node, 1, len(shape) - 1, rule)]
     if rule.get("quantize_output", False):
         uses += _output_use(node, rule, context)
     return uses

@@ -17,6 +17,8 @@ class TensorUse:
     node: str
     input_index: int | None
     axis: int | None = None
+    #: storage grid for INT8 weights when the rule asks for another one (e.g. "int8_reduced")
+    int8_weight_format: str | None = None
 
 
 @dataclass
@@ -44,6 +46,7 @@ class QuantizedTensor:
     consumers: frozenset[tuple[str, int]]
     all_consumers: bool
     group: str | None
+    int8_weight_format: str | None = None
 
 
 @dataclass
@@ -90,17 +93,19 @@ class Plan:
     def tensors(self) -> list[QuantizedTensor]:
         """One entry per tensor and axis: a weight shared by consumers with different output-channel
         axes (MatMul and Gemm transB=1) gets one DequantizeLinear per axis."""
-        merged: dict[tuple[str, int | None], list[TensorUse]] = {}
+        merged: dict[tuple[str, int | None, str | None], list[TensorUse]] = {}
         for decision in self.decisions:
             for use in decision.uses:
-                merged.setdefault((use.tensor, use.axis), []).append(use)
-        return [self._merge(name, uses) for (name, _), uses in merged.items()]
+                merged.setdefault((use.tensor, use.axis, use.int8_weight_format), []).append(use)
+        return [self._merge(key[0], uses) for key, uses in merged.items()]
 
     def _merge(self, name: str, uses: list[TensorUse]) -> QuantizedTensor:
         consumers = frozenset((u.node, u.input_index) for u in uses if u.input_index is not None)
         all_consumers = any(u.input_index is None for u in uses)
+        first = uses[0]
+        group = self.groups.get(name)
         return QuantizedTensor(
-            name, uses[0].role, uses[0].axis, consumers, all_consumers, self.groups.get(name)
+            name, first.role, first.axis, consumers, all_consumers, group, first.int8_weight_format
         )
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:

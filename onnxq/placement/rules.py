@@ -42,8 +42,6 @@ class RuleSet:
     quantize_graph_outputs: bool
     rules: tuple[Rule, ...]
     source: str
-    #: INT8 weights on the 7-bit grid (ONNX Runtime x86 kernels without VNNI)
-    reduce_weight_range: bool = False
 
     def rule_for(self, op_type: str) -> Rule | None:
         """The first rule listing ``op_type``: order in the file is priority."""
@@ -103,5 +101,4 @@ def parse_rule_set(data: dict[str, Any], source: str) -> RuleSet:
         quantize_graph_outputs=bool(data.get("quantize_graph_outputs", False)),
         rules=tuple(rules),
         source=source,
-        reduce_weight_range=bool(data.get("reduce_weight_range", False)),
     )
