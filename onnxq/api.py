@@ -27,7 +27,7 @@ from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.graph import passes
 from onnxq.graph.qdq import InsertionStats, insert_qdq
-from onnxq.model_io import DEFAULT_IR_VERSION, load_model, save_model
+from onnxq.model_io import DEFAULT_IR_VERSION, check_output_folder, load_model, save_model
 from onnxq.placement.plan import Plan
 from onnxq.placement.planner import PlacementOptions, plan_placement
 from onnxq.placement.rules import load_rule_set
@@ -95,12 +95,14 @@ def quantize(
     working = load_model(model)
     _prepare(working, settings)
     timer.lap("prepare")
-    plan = plan_placement(working, load_rule_set(settings.target, settings.patterns), _placement(settings))
+    rules = load_rule_set(settings.target, settings.patterns)
+    plan = plan_placement(working, rules, _placement(settings))
     timer.lap("plan")
-    activation_format, weight_format = formats_for(settings.mode, settings)
+    symmetric = rules.activation_symmetric or settings.mode != "int8"
+    activation_format, weight_format = formats_for(settings.mode, symmetric)
     ranges = _calibrate(working, plan, calibration_data, activation_format, settings)
     timer.lap("calibrate")
-    params = activation_parameters(plan, ranges, activation_format, _symmetric(settings))
+    params = activation_parameters(plan, ranges, activation_format, symmetric)
     insertion = insert_qdq(working, plan.tensors(), params, activation_format, weight_format)
     _finish(working, settings, activation_format)
     timer.lap("insert")
@@ -129,11 +131,7 @@ def _check_output_path(model: Any, output_path: str | os.PathLike[str] | None) -
             f"output path {output} is the input model",
             "choose another -o path; the input is never overwritten",
         )
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxqError(f"output directory {folder} does not exist", "create it or choose another -o path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OnnxqError(f"output directory {folder} is not writable", "choose another -o path")
+    check_output_folder(output.parent if str(output.parent) else Path("."))
 
 
 def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
@@ -160,16 +158,11 @@ def _placement(settings: QuantizeOptions) -> PlacementOptions:
     )
 
 
-def _symmetric(settings: QuantizeOptions) -> bool:
-    return load_rule_set(settings.target, settings.patterns).activation_symmetric or settings.mode != "int8"
-
-
-def formats_for(mode: str, settings: QuantizeOptions) -> tuple[NumberFormat, NumberFormat]:
-    """(activation format, weight format): INT8 for ONNX Runtime uses uint8 asymmetric activations."""
+def formats_for(mode: str, symmetric: bool) -> tuple[NumberFormat, NumberFormat]:
+    """(activation format, weight format): asymmetric INT8 activations (ONNX Runtime) are uint8."""
     if mode != "int8":
         return get_format(mode), get_format(mode)
-    activation_format = get_format("int8") if _symmetric(settings) else get_format("uint8")
-    return activation_format, get_format("int8")
+    return get_format("int8" if symmetric else "uint8"), get_format("int8")
 
 
 def _calibrate(

@@ -138,7 +138,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    _check_writable(folder)
+    check_output_folder(folder)
     use_external = needs_external_data(model) if external_data is None else external_data
     data_name = path.name + ".data" if use_external else None
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
@@ -156,7 +156,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _check_writable(folder: Path) -> None:
+def check_output_folder(folder: Path) -> None:
+    """Fail before any work when the output cannot be written."""
     if not folder.is_dir():
         raise OnnxqError(f"output directory {folder} does not exist", "create it or choose another -o path")
     if not os.access(folder, os.W_OK | os.X_OK):
