@@ -50,8 +50,11 @@ def make_session(
     custom_ops: Sequence[str] = (),
     threads: int | None = None,
     fused_kernels: bool = True,
+    streaming: bool = False,
 ) -> ort.InferenceSession:
     """A session over ``model``; external weights are read from their folder, not copied.
+
+    ``streaming`` is for calibration models (see below).
 
     ``fused_kernels`` False runs Q/DQ as written (graph optimizations at BASIC): the numerics every
     runtime must reproduce, without ORT's CPU-specific integer kernels (which on x86 without VNNI
@@ -59,6 +62,13 @@ def make_session(
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if streaming:
+        # Calibration models read every tensor twice (model + statistics). The default order runs the
+        # statistics last, keeping all tensors alive; priority order frees each one early (measured,
+        # 12-layer encoder, 396 tensors, batch 32: 4111 MB default, 669 MB priority-based). Without
+        # the arena, the big outputs' memory goes back to the system after each run.
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        options.enable_cpu_mem_arena = False
     # Exact INT4 block DQ -> MatMul instead of silent int8 compute (ORT's MatMulNBits default).
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     # Pre-packed GEMM weights are a second copy of every weight: calibration of a model as large as

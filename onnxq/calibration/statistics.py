@@ -176,6 +176,12 @@ class AbsHistogram:
             indices += (magnitudes >= edges[indices + 1]) & (indices < last)
         self.counts += np.bincount(indices, minlength=self.num_bins)
 
+    def add_bin_indices(self, indices: np.ndarray) -> None:
+        """Count bin indices computed elsewhere (inside ONNX Runtime); index ``num_bins`` marks a
+        skipped (non-finite) value. Counting is exact, so the order of batches does not matter."""
+        counts = np.bincount(indices.ravel(), minlength=self.num_bins + 1)
+        self.counts += counts[: self.num_bins]
+
     def merge(self, other: AbsHistogram) -> AbsHistogram:
         """A new histogram with the counts of both; they must share range and bin count."""
         if other.amax != self.amax or other.num_bins != self.num_bins:
