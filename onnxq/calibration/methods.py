@@ -74,6 +74,11 @@ ENTROPY_SMOOTHING_EPS = 1e-4
 #: regrouped evaluation differs from a bin-by-bin sum by ~1e-14, far below real differences.
 ENTROPY_TIE_TOLERANCE = 1e-12
 #: First bin edge tried by ``mse``; clipping at amax * 32 / 2048 = amax / 64 is already extreme.
+#: Entropy never clips more than this share of the values. When nearly all the mass lies above a
+#: candidate (a tensor far from zero, e.g. a pooled mean in [0.3, 1.8]), folding it into the last
+#: bin makes P and Q agree trivially, and the KL minimum is a degenerate clip (measured: a
+#: ResNet-style CNN's pooled features clipped to 0.307 of 1.779, output SNR 4 dB).
+ENTROPY_MAX_CLIPPED_FRACTION = 0.01
 DEFAULT_MSE_MIN_BIN = 32
 #: Candidates x bins quantized per ``fake_quantize`` call: small enough to stay in cache.
 MSE_BLOCK_ELEMENTS = 1 << 16
@@ -265,11 +270,36 @@ class EntropyCalibration:
         usable = _usable_histogram(self.name, stats, hist)
         if usable is None:
             return 0.0
-        divergences = entropy_divergences(usable, self.num_quantized_bins)
-        if divergences.size == 0:  # fewer histogram bins than levels: nothing to merge
+        smoothed = _without_zero_spike(usable)
+        if smoothed.total == 0:  # all the mass was the zero spike: nothing for the KL to weigh
+            return float(usable.edges[-1])
+        divergences = entropy_divergences(smoothed, self.num_quantized_bins)
+        admissible = _clipped_fraction(usable, self.num_quantized_bins) <= ENTROPY_MAX_CLIPPED_FRACTION
+        divergences = np.where(admissible, divergences, np.inf)
+        if divergences.size == 0 or not np.isfinite(divergences).any():
             return float(usable.edges[-1])
         best_kept = self.num_quantized_bins + _first_minimum(divergences, ENTROPY_TIE_TOLERANCE)
         return float(usable.edges[best_kept])
+
+
+def _clipped_fraction(hist: AbsHistogram, num_quantized_bins: int) -> np.ndarray:
+    """Per entropy candidate ``i`` (``num_quantized_bins ..= num_bins``), the share of values above it."""
+    kept = np.cumsum(hist.counts)[num_quantized_bins - 1 :]
+    return 1.0 - kept / max(hist.total, 1)
+
+
+def _without_zero_spike(hist: AbsHistogram) -> AbsHistogram:
+    """The histogram with bin 0 set to bin 1's count, as TensorRT-style calibrators do.
+
+    After ReLU half the values are exact zeros: that spike in bin 0 dominates the divergence of
+    every candidate and drags the threshold down (measured on a ResNet-style CNN: a post-ReLU
+    tensor with 50% zeros clipped 2% of its values, output SNR 10.6 dB vs 30.3 dB with max).
+    """
+    if hist.num_bins < 2:
+        return hist
+    smoothed = hist.copy()
+    smoothed.counts[0] = smoothed.counts[1]
+    return smoothed
 
 
 def _first_minimum(values: np.ndarray, tolerance: float) -> int:

@@ -270,8 +270,20 @@ def _reference_divergences(counts: np.ndarray, num_quantized_bins: int) -> np.nd
 
 
 def _reference_entropy_bins(counts: np.ndarray, num_quantized_bins: int) -> int:
-    """Number of kept bins: the smallest candidate whose KL ties the minimum (1e-12)."""
-    divergences = _reference_divergences(counts, num_quantized_bins)
+    """Number of kept bins: the smallest admissible candidate whose KL ties the minimum (1e-12).
+
+    As documented for the method: bin 0 (the ReLU zero spike) counts as bin 1 for the divergence,
+    and a candidate may clip at most 1% of the values (of the original counts).
+    """
+    smoothed = np.array(counts, dtype=np.int64)
+    if smoothed.size > 1:
+        smoothed[0] = smoothed[1]
+    divergences = _reference_divergences(smoothed, num_quantized_bins)
+    for kept in range(num_quantized_bins, len(counts) + 1):
+        if np.sum(counts[kept:]) > 0.01 * np.sum(counts):
+            divergences[kept - num_quantized_bins] = np.inf
+    if not np.isfinite(divergences).any():
+        return len(counts)
     best = divergences.min()
     return num_quantized_bins + int(np.flatnonzero(divergences <= best + 1e-12)[0])
 
