@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxq.calibration.cache import load_cache, model_hash, save_cache
-from onnxq.calibration.calibrator import CalibrationSettings, TensorRange, calibrate
+from onnxq.calibration.calibrator import DEFAULT_MEMORY_LIMIT_MB, CalibrationSettings, TensorRange, calibrate
 from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_data
 from onnxq.calibration.methods import get_method
 from onnxq.calibration.overrides import known_ranges, load_overrides
@@ -53,7 +53,7 @@ class QuantizeOptions:
     ort_custom_ops: Sequence[str] = ()
     calib_batch_size: int | None = None
     calib_max_samples: int | None = None
-    calib_memory_mb: float = 1024
+    calib_memory_mb: float = DEFAULT_MEMORY_LIMIT_MB
     calib_cache: str | os.PathLike[str] | None = None
     calib_overrides: str | os.PathLike[str] | None = None
     ir_version: int = DEFAULT_IR_VERSION

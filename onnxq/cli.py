@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxq.api import MODES, QuantizeResult, quantize
+from onnxq.calibration.calibrator import DEFAULT_MEMORY_LIMIT_MB
 from onnxq.calibration.methods import registered_methods
 from onnxq.compare import CompareResult, compare
 from onnxq.errors import OnnxqError
@@ -53,7 +54,11 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-batch-size", type=int, help="samples per ONNX Runtime run")
     parser.add_argument("--calib-max-samples", type=int, help="use at most this many samples")
     parser.add_argument(
-        "--calib-memory", type=float, default=1024, metavar="MB", help="histogram pass memory budget"
+        "--calib-memory",
+        type=float,
+        default=DEFAULT_MEMORY_LIMIT_MB,
+        metavar="MB",
+        help="memory for the tensors one calibration run hands back (default %(default)s)",
     )
     parser.add_argument("--calib-cache", help="JSON file of calibrated ranges: reused when it matches")
     parser.add_argument("--calib-overrides", help="JSON file {tensor: [low, high]} pinning ranges")

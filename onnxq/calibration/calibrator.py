@@ -30,7 +30,7 @@ from onnxq.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_LIMIT_MB = 1024
+DEFAULT_MEMORY_LIMIT_MB = 512
 #: pass 2 receives one uint16 histogram bin per element
 BIN_INDEX_BYTES = 2
 FLOAT_BYTES = 4
