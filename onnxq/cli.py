@@ -185,7 +185,14 @@ def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: fl
     table.add_row(
         "Q/DQ tensors", f"{result.insertion.activations} activations, {result.insertion.weights} weights"
     )
-    table.add_row("size", f"{_megabytes(model_file_size(model))} -> {_megabytes(model_file_size(output))}")
+    insertion = result.insertion
+    table.add_row(
+        "weights quantized",
+        f"{_megabytes(insertion.weight_bytes_before)} -> {_megabytes(insertion.weight_bytes_after)}",
+    )
+    table.add_row(
+        "file size", f"{_megabytes(model_file_size(model))} -> {_megabytes(model_file_size(output))}"
+    )
     table.add_row(
         "time", f"{seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()) + ")"
     )

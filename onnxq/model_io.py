@@ -7,7 +7,6 @@ written with external data and handed to ONNX Runtime as a small proto that poin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -167,14 +166,6 @@ def check_output_folder(folder: Path) -> None:
 def check_model(path: str | os.PathLike) -> None:
     """``onnx.checker`` with full shape checking, by path so that >2 GB models are checked too."""
     onnx.checker.check_model(str(path), full_check=True)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_file_size(path: str | os.PathLike) -> int:

@@ -73,9 +73,6 @@ class Plan:
     def quantized_nodes(self) -> list[NodeDecision]:
         return [d for d in self.decisions if d.quantized]
 
-    def uses_of(self, tensor: str) -> list[TensorUse]:
-        return [u for d in self.decisions for u in d.uses if u.tensor == tensor]
-
     def is_quantized(self, tensor: str) -> bool:
         return any(u.tensor == tensor for d in self.decisions for u in d.uses)
 
