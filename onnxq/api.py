@@ -171,7 +171,7 @@ def _calibrate(
     tensors = plan.activation_tensors()
     if not tensors:
         return {}
-    if source is None and settings.calib_cache is None:
+    if source is None:  # a cache is checked against the data's fingerprint, so it needs the data too
         raise OnnxqError(
             f"{len(tensors)} activation tensors need calibration data",
             "pass --calib DATA.npz (keys = input names, first axis = samples)",
