@@ -55,22 +55,29 @@ def load_model(source: ModelSource) -> ir.Model:
 
 def clone_model(model: ir.Model) -> ir.Model:
     """An independent copy of the graph (a proto round trip); external weights stay on disk, by reference."""
-    folders = {t.base_dir for t in external_tensors(model)}
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    if len(folders) == 1:
-        ir.external_data.set_base_dir(copy.graph, folders.pop())
-    return copy
+    return _from_proto(ir.serde.serialize_model(model), external_folder(model))
 
 
 def convert_opset(model: ir.Model, target: int) -> ir.Model:
     """``onnx.version_converter`` on a proto whose external weights stay references on disk."""
-    folders = {t.base_dir for t in external_tensors(model)}
-    converted = ir.serde.deserialize_model(
-        onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
-    )
-    if len(folders) == 1:
-        ir.external_data.set_base_dir(converted.graph, folders.pop())
-    return converted
+    converted = onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
+    return _from_proto(converted, external_folder(model))
+
+
+def _from_proto(proto: onnx.ModelProto, folder: str | None) -> ir.Model:
+    """Deserialize; external weights are resolved against ``folder`` (a proto does not carry it)."""
+    model = ir.serde.deserialize_model(proto)
+    if folder:
+        ir.external_data.set_base_dir(model.graph, folder)
+    return model
+
+
+def external_folder(model: ir.Model) -> str | None:
+    """The folder of the model's external weight files, None when all weights are in memory."""
+    folders = {str(t.base_dir) for t in external_tensors(model)}
+    if len(folders) > 1:
+        raise OnnxqError("the model's external data lives in several folders", "save the model once first")
+    return folders.pop() if folders else None
 
 
 def _load_path(path: Path) -> ir.Model:
@@ -123,11 +130,7 @@ def session_model(model: ir.Model) -> tuple[bytes, str | None]:
     External tensors stay references to their files (the folder goes into the session options), so
     this works for models over 2 GB without copying weights.
     """
-    folders = {t.base_dir for t in external_tensors(model)}
-    if len(folders) > 1:
-        raise OnnxqError("the model's external data lives in several folders", "save the model once first")
-    folder = str(folders.pop()) if folders else None
-    return ir.serde.serialize_model(model).SerializeToString(), folder
+    return ir.serde.serialize_model(model).SerializeToString(), external_folder(model)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:

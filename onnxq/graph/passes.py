@@ -145,6 +145,15 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert ``nodes`` right after ``value`` is computed (first in the graph for a graph input)."""
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(next(iter(graph)), nodes)
+    else:
+        graph.insert_after(producer, nodes)
+
+
 def _all_value_names(graph: ir.Graph) -> set[str]:
     names = {v.name for v in graph.inputs} | set(graph.initializers)
     names |= {v.name for node in graph for v in node.outputs}

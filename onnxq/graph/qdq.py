@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
-from onnxq.graph.passes import forget_names, unique_name, values_by_name
+from onnxq.graph.passes import forget_names, insert_after_producer, unique_name, values_by_name
 from onnxq.placement.plan import QuantizedTensor
 
 
@@ -92,7 +92,7 @@ def _quantize_activation(
     dequantized.name = unique_name(graph, f"{base}_dequantized")
     dequantized.type, dequantized.shape = value.type, value.shape
     quantize.outputs[0].type, quantize.outputs[0].shape = ir.TensorType(fmt.onnx_dtype), value.shape
-    _insert_after_producer(graph, value, [quantize, dequantize])
+    insert_after_producer(graph, value, [quantize, dequantize])
     for node, index in consumers:
         node.replace_input_with(index, dequantized)
 
@@ -149,11 +149,3 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def _float_dtype(value: ir.Value) -> np.dtype:
     return value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-
-
-def _insert_after_producer(graph: ir.Graph, value: ir.Value, new_nodes: list[ir.Node]) -> None:
-    producer = value.producer()
-    if producer is not None:
-        graph.insert_after(producer, new_nodes)
-    else:
-        graph.insert_before(next(iter(graph)), new_nodes)
