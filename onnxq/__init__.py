@@ -1,18 +1,46 @@
-"""onnxq: quantize ONNX models with explicit Q/DQ placed the way the target runtime fuses them."""
+"""onnxq: quantize ONNX models with explicit Q/DQ placed the way the target runtime fuses them.
 
-from onnxq.api import QuantizeOptions, QuantizeResult, quantize
-from onnxq.compare import CompareResult, OutputMetrics, compare
-from onnxq.errors import OnnxqError
+The public names are imported on first use, so that ``onnxq --help`` and ``onnxq --version`` do not
+pay for numpy, onnx and ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CompareResult",
-    "OnnxqError",
-    "OutputMetrics",
-    "QuantizeOptions",
-    "QuantizeResult",
-    "__version__",
-    "compare",
-    "quantize",
-]
+_PUBLIC = {
+    "CompareResult": "onnxq.compare",
+    "OnnxqError": "onnxq.errors",
+    "OutputMetrics": "onnxq.compare",
+    "QuantizeOptions": "onnxq.api",
+    "QuantizeResult": "onnxq.api",
+    "compare": "onnxq.compare",
+    "quantize": "onnxq.api",
+}
+
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+if TYPE_CHECKING:
+    # "X as X": re-exported names for type checkers; at run time __getattr__ imports them
+    from onnxq.api import QuantizeOptions as QuantizeOptions
+    from onnxq.api import QuantizeResult as QuantizeResult
+    from onnxq.api import quantize as quantize
+    from onnxq.compare import CompareResult as CompareResult
+    from onnxq.compare import OutputMetrics as OutputMetrics
+    from onnxq.compare import compare as compare
+    from onnxq.errors import OnnxqError as OnnxqError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'onnxq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

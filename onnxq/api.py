@@ -16,26 +16,34 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxq.calibration.cache import load_cache, model_hash, save_cache
-from onnxq.calibration.calibrator import DEFAULT_MEMORY_LIMIT_MB, CalibrationSettings, TensorRange, calibrate
+from onnxq import option_checks
+from onnxq.calibration.cache import check_cached_ranges, load_cache, model_hash, save_cache
+from onnxq.calibration.calibrator import (
+    DEFAULT_MEMORY_LIMIT_MB,
+    CalibrationSettings,
+    TensorRange,
+    calibrate,
+    check_memory_limit,
+)
 from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_data
 from onnxq.calibration.methods import get_method
-from onnxq.calibration.overrides import known_ranges, load_overrides
+from onnxq.calibration.overrides import known_ranges, load_overrides, value_names, warn_unmatched_overrides
 from onnxq.calibration.statistics import TensorStats
+from onnxq.choices import MODES
 from onnxq.errors import OnnxqError
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
-from onnxq.graph import passes
-from onnxq.graph.qdq import InsertionStats, insert_qdq
-from onnxq.model_io import DEFAULT_IR_VERSION, check_output_folder, load_model, save_model
+from onnxq.graph import passes, prequantized
+from onnxq.graph.qdq import InsertionStats, insert_qdq, required_opset
+from onnxq.model_io import DEFAULT_IR_VERSION, check_output_path, load_model, referenced_files, save_model
 from onnxq.placement.plan import Plan
 from onnxq.placement.planner import PlacementOptions, plan_placement
 from onnxq.placement.rules import load_rule_set
 
 logger = logging.getLogger(__name__)
 
-MODES = ("int8", "fp8")
-#: per-channel DequantizeLinear needs opset 13; FLOAT8 Q/DQ needs 19
+#: per-channel DequantizeLinear needs opset 13; FLOAT8 Q/DQ needs 19, and so do float16/bfloat16 tensors
+#: (``qdq.required_opset``, applied in ``_prepare`` where the opset is upgraded before planning)
 MIN_OUTPUT_OPSET = 13
 
 
@@ -59,6 +67,8 @@ class QuantizeOptions:
     ir_version: int = DEFAULT_IR_VERSION
     opset: int | None = None
     progress: bool = False
+    #: keep the quantization a model already holds and quantize only what is still float
+    keep_quantized: bool = False
 
 
 @dataclass
@@ -90,24 +100,28 @@ def quantize(
     The input is never modified; with ``output_path`` the result is written there atomically.
     """
     settings = _options(mode, options)
+    # option files are read (and refused) before any expensive step
+    overrides = load_overrides(settings.calib_overrides) if settings.calib_overrides is not None else {}
     timer = _Timer()
-    _check_output_path(model, output_path)
+    _check_output_path(model, output_path, calibration_data, settings)
     working = load_model(model)
+    prequantized.refuse_unless_kept(working, prequantized.model_label(model), settings.keep_quantized)
     _prepare(working, settings)
     timer.lap("prepare")
     rules = load_rule_set(settings.target, settings.patterns)
     plan = plan_placement(working, rules, _placement(settings))
+    prequantized.keep_existing(working, plan)
     timer.lap("plan")
     symmetric = rules.activation_symmetric or settings.mode != "int8"
     activation_format, weight_format = formats_for(settings.mode, symmetric)
-    ranges = _calibrate(working, plan, calibration_data, activation_format, settings)
+    ranges = _calibrate(working, plan, calibration_data, activation_format, settings, overrides)
     timer.lap("calibrate")
     params = activation_parameters(plan, ranges, activation_format, symmetric)
     insertion = insert_qdq(working, plan.tensors(), params, activation_format, weight_format)
     _finish(working, settings, activation_format)
     timer.lap("insert")
     if output_path is not None:
-        save_model(working, output_path)
+        save_model(working, output_path, custom_ops=settings.ort_custom_ops)
         timer.lap("save")
     path = Path(output_path) if output_path is not None else None
     return QuantizeResult(working, plan, ranges, path, insertion, timer.laps)
@@ -119,35 +133,75 @@ def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
         raise TypeError(f"unknown quantize option(s): {', '.join(unknown)}")
     if mode not in MODES:
         raise OnnxqError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
-    return QuantizeOptions(mode=mode, **options)
+    settings = QuantizeOptions(mode=mode, **options)
+    _check_options(settings)
+    return settings
 
 
-def _check_output_path(model: Any, output_path: str | os.PathLike[str] | None) -> None:
-    if output_path is None:
-        return
-    output = Path(output_path)
-    if isinstance(model, (str, os.PathLike)) and Path(model).resolve() == output.resolve():
-        raise OnnxqError(
-            f"output path {output} is the input model",
-            "choose another -o path; the input is never overwritten",
-        )
-    check_output_folder(output.parent if str(output.parent) else Path("."))
+def _check_options(settings: QuantizeOptions) -> None:
+    """Every option is checked before the first expensive step (see ``onnxq.option_checks``)."""
+    option_checks.check_exclude_regex(settings.exclude_nodes)
+    option_checks.check_op_types(settings.op_types)
+    check_memory_limit(settings.calib_memory_mb)
+    option_checks.check_positive("--calib-batch-size", settings.calib_batch_size, integer=True)
+    option_checks.check_positive("--calib-max-samples", settings.calib_max_samples, integer=True)
+    option_checks.check_percentile(settings.percentile)
+    option_checks.check_existing_file("--patterns", settings.patterns)
+    for library in settings.ort_custom_ops:
+        option_checks.check_existing_file("--ort-custom-ops", library, "custom-op library")
+    option_checks.check_parent_folder("--calib-cache", settings.calib_cache)
+
+
+def _check_output_path(
+    model: Any, output_path: str | os.PathLike[str] | None, calibration_data: Any, settings: QuantizeOptions
+) -> None:
+    """Before any work: the output must be writable and must not be the input or a file it uses;
+    neither the output nor the calibration cache (both written) may be a file the run reads."""
+    if output_path is not None:
+        check_output_path(model, Path(output_path))
+    written = {"-o": output_path, "--calib-cache": settings.calib_cache}
+    read = {
+        "the calibration data": calibration_data,
+        "--calib-overrides": settings.calib_overrides,
+        "--patterns": settings.patterns,
+    }
+    written_paths = {option: Path(path) for option, path in written.items() if path is not None and _is_path(path)}
+    if settings.calib_cache is not None and Path(settings.calib_cache).exists():
+        for protected in referenced_files(model):
+            option_checks.check_not_same_file(
+                "--calib-cache", Path(settings.calib_cache), protected, "the input model's"
+            )
+    for option, path in written_paths.items():
+        for what, source in read.items():
+            if _is_path(source):
+                option_checks.check_not_same_file(option, path, Path(source), what)
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
 
 
 def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
     """Clean-up passes before planning: names, constants, BatchNorm, opset, shapes."""
+    passes.inline_functions(model)  # ORT inlines them too; inlined, their nodes can be quantized
     ir.passes.common.NameFixPass()(model)
     # An initializer listed as a graph input is an overridable default (PyTorch's
     # keep_initializers_as_inputs); deployment runtimes treat it as a constant weight, and so do we.
     ir.passes.common.RemoveInitializersFromInputsPass()(model)
     lifted = passes.lift_constant_nodes(model)
+    passes.inline_constant_ifs(model)  # after lifting: a Constant condition is then a known value
     folded = passes.fold_batch_norm(model)
-    target_opset = max(settings.opset or 0, MIN_OUTPUT_OPSET, get_format(settings.mode).min_opset)
+    # float16/bfloat16 tensors take Q/DQ only from opset 19
+    target_opset = max(
+        settings.opset or 0, MIN_OUTPUT_OPSET, get_format(settings.mode).min_opset, required_opset(model)
+    )
     upgraded = passes.upgrade_opset(model, target_opset)
     passes.clean_up(model)
+    repaired = passes.repair_declared_shapes(model)  # notes for the plan, see passes.notes
     passes.infer_shapes(model)
     logger.info(
-        "prepared: %d constants lifted, %d BatchNorm folded, opset upgraded: %s", lifted, folded, upgraded
+        "prepared: %d constants lifted, %d BatchNorm folded, opset upgraded: %s, %d shapes replaced",
+        *(lifted, folded, upgraded, len(repaired)),
     )
 
 
@@ -166,7 +220,12 @@ def formats_for(mode: str, symmetric: bool) -> tuple[NumberFormat, NumberFormat]
 
 
 def _calibrate(
-    model: ir.Model, plan: Plan, source: Any, fmt: NumberFormat, settings: QuantizeOptions
+    model: ir.Model,
+    plan: Plan,
+    source: Any,
+    fmt: NumberFormat,
+    settings: QuantizeOptions,
+    overrides: dict[str, tuple[float, float]],
 ) -> dict[str, TensorRange]:
     tensors = plan.activation_tensors()
     if not tensors:
@@ -180,8 +239,11 @@ def _calibrate(
         source, input_specs(model), settings.calib_batch_size, settings.calib_max_samples
     )
     ranges = _cached_or_calibrated(model, tensors, data, fmt, settings)
+    if settings.calib_cache is not None:
+        cached = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if r.source == "cache"}
+        check_cached_ranges(settings.calib_cache, cached)
     _drop_nonfinite(plan, ranges)
-    _apply_known_ranges(model, ranges, settings)
+    _apply_known_ranges(model, ranges, overrides)
     return ranges
 
 
@@ -244,18 +306,20 @@ def _drop_nonfinite(plan: Plan, ranges: dict[str, TensorRange]) -> None:
             plan.drop_tensor(tensor, reason, "can carry inf")
 
 
-def _apply_known_ranges(model: ir.Model, ranges: dict[str, TensorRange], settings: QuantizeOptions) -> None:
+def _apply_known_ranges(
+    model: ir.Model, ranges: dict[str, TensorRange], overrides: dict[str, tuple[float, float]]
+) -> None:
     """Known bounds (Softmax in [0, 1], Relu >= 0) and the user's overrides win over statistics."""
     for tensor, (low, high) in known_ranges(model).items():
         if tensor in ranges:
             found = ranges[tensor]
             found.chosen_low = found.chosen_low if low is None else max(found.chosen_low, low)
             found.chosen_high = found.chosen_high if high is None else min(found.chosen_high, high)
-    if settings.calib_overrides is not None:
-        for tensor, (low, high) in load_overrides(settings.calib_overrides).items():
-            if tensor in ranges:
-                ranges[tensor].chosen_low, ranges[tensor].chosen_high = low, high
-                ranges[tensor].source = "override"
+    warn_unmatched_overrides(overrides, value_names(model), ranges)
+    for tensor, (low, high) in overrides.items():
+        if tensor in ranges:
+            ranges[tensor].chosen_low, ranges[tensor].chosen_high = low, high
+            ranges[tensor].source = "override"
 
 
 def activation_parameters(
@@ -279,13 +343,18 @@ def activation_parameters(
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
-    """What calibration data must provide: graph inputs that are not initializers."""
+    """What calibration data must provide: graph inputs that are not initializers.
+
+    A dimension is static only as an int >= 1; ``-1`` (paddle2onnx's dynamic dimension) and 0 are
+    dynamic (None), symbolic names stay names.
+    """
     specs = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
             continue
         shape = tuple(
-            d if isinstance(d, int) else (str(d) if d is not None else None) for d in (value.shape or [])
+            (d if d >= 1 else None) if isinstance(d, int) else (str(d) if d is not None else None)
+            for d in (value.shape or [])
         )
         dtype = value.dtype.numpy() if value.dtype is not None else None
         specs.append(InputSpec(value.name or "", dtype, shape))  # type: ignore[arg-type]

@@ -1,43 +1,60 @@
 """Command line: ``onnxq quantize`` and ``onnxq compare``.
 
 Errors are one line on stderr and exit code 2 (1 for a failed ``--min-snr`` check); a summary table
-closes every successful run.
+closes every successful run. No path ends in a Python traceback: an error onnxq does not expect is
+reported in one line too, and ``--debug`` shows its traceback. The heavy modules (numpy, onnx, ONNX
+Runtime) are imported by the command that needs them, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
-
-from onnxq.api import MODES, QuantizeResult, quantize
-from onnxq.calibration.calibrator import DEFAULT_MEMORY_LIMIT_MB
-from onnxq.calibration.methods import registered_methods
-from onnxq.compare import CompareResult, compare
+from onnxq import __version__
+from onnxq.choices import CALIB_METHODS, DEFAULT_CALIB_MEMORY_MB, DEFAULT_CALIB_METHOD, MODES, TARGETS
 from onnxq.errors import OnnxqError
-from onnxq.model_io import model_file_size
-from onnxq.placement.rules import TARGETS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from onnxq.api import QuantizeResult
+    from onnxq.compare import CompareResult
 
 EXIT_ERROR = 2
 EXIT_CHECK_FAILED = 1
-
-console = Console()
-error_console = Console(stderr=True)
+#: Rich wraps tables to 80 columns when stdout is not a terminal; names must stay whole to be pasted
+PIPED_WIDTH = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnxq", description="Quantize ONNX models with explicit Q/DQ.")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a flag given before the command is not reset by the subcommand's default
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-vv for debug)"
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
+    )
+    parser = argparse.ArgumentParser(
+        prog="onnxq", description="Quantize ONNX models with explicit Q/DQ.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_quantize(commands.add_parser("quantize", help="quantize a model to INT8 or FP8"))
-    _add_compare(commands.add_parser("compare", help="compare a quantized model with its original"))
+    _add_quantize(commands.add_parser("quantize", help="quantize a model to INT8 or FP8", parents=[common]))
+    _add_compare(
+        commands.add_parser("compare", help="compare a quantized model with its original", parents=[common])
+    )
     return parser
 
 
@@ -49,14 +66,14 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
         "--target", choices=TARGETS, default="tensorrt", help="deployment runtime (placement rules)"
     )
     parser.add_argument("--patterns", help="a TOML placement rule set replacing the target's")
-    parser.add_argument("--calib-method", default="max", choices=registered_methods())
+    parser.add_argument("--calib-method", default=DEFAULT_CALIB_METHOD, choices=CALIB_METHODS)
     parser.add_argument("--percentile", type=float, help="for --calib-method percentile (default 99.99)")
     parser.add_argument("--calib-batch-size", type=int, help="samples per ONNX Runtime run")
     parser.add_argument("--calib-max-samples", type=int, help="use at most this many samples")
     parser.add_argument(
         "--calib-memory",
         type=float,
-        default=DEFAULT_MEMORY_LIMIT_MB,
+        default=DEFAULT_CALIB_MEMORY_MB,
         metavar="MB",
         help="memory for the tensors one calibration run hands back (default %(default)s)",
     )
@@ -72,7 +89,13 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exclude-nodes", metavar="REGEX", help="leave nodes whose name matches in float")
     parser.add_argument("--no-quantize-bmm", action="store_true", help="leave attention BMMs in float")
+    parser.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="for a model already quantized: keep its Q/DQ and quantized ops, quantize only what is still float",
+    )
     parser.add_argument("--explain", action="store_true", help="print every decision and calibrated range")
+    parser.add_argument("--explain-json", metavar="FILE", help="write the whole plan and every range as JSON")
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:
@@ -94,18 +117,44 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    debug = getattr(args, "debug", False)
+    _configure_logging(getattr(args, "verbose", 0), debug)
     try:
         return _run_quantize(args) if args.command == "quantize" else _run_compare(args)
     except OnnxqError as error:
-        error_console.print(f"onnxq: error: {error}", markup=False, highlight=False, soft_wrap=True)
-        return EXIT_ERROR
+        _report(f"onnxq: error: {error}", debug)
     except KeyboardInterrupt:
-        error_console.print("onnxq: interrupted; no output written", markup=False)
-        return EXIT_ERROR
+        _report("onnxq: interrupted; no output written", debug)
+    except MemoryError:
+        _report("onnxq: error: out of memory. Fix: lower --calib-memory or --calib-batch-size.", debug)
+    except Exception as error:  # the promise: one line, never a traceback, unless --debug asks for it
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        _report(
+            f"onnxq: internal error: {type(error).__name__}: {first_line}. "
+            "Fix: rerun with --debug for the traceback and report it.",
+            debug,
+        )
+    return EXIT_ERROR
+
+
+def _configure_logging(verbose: int, debug: bool) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # progress lines are what a CI log shows of a long run, so they show at the default verbosity
+    logging.getLogger("onnxq.progress").setLevel(min(level, logging.INFO))
+
+
+def _report(line: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    _console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else PIPED_WIDTH)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -118,7 +167,11 @@ def default_output(model: str, mode: str) -> Path:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    from onnxq.api import quantize
+
     output = Path(args.output) if args.output else default_output(args.model, args.mode)
+    if args.explain_json:
+        _check_writable_file(Path(args.explain_json), "--explain-json")
     started = time.perf_counter()
     result = quantize(
         args.model,
@@ -139,19 +192,33 @@ def _run_quantize(args: argparse.Namespace) -> int:
         op_types=_split(args.op_types),
         exclude_nodes=args.exclude_nodes,
         quantize_bmm=not args.no_quantize_bmm,
+        keep_quantized=args.keep_quantized,
         progress=sys.stderr.isatty(),
     )
     if args.explain:
         print_plan(result)
         print_ranges(result)
+    if args.explain_json:
+        write_explain_json(result, Path(args.explain_json))
     print_summary(result, Path(args.model), output, time.perf_counter() - started)
     return 0
 
 
+def _check_writable_file(path: Path, option: str) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OnnxqError(f"{option} {path} is a directory", "pass a file path")
+    if not folder.is_dir():
+        raise OnnxqError(f"the folder of {option} {path} does not exist", "create it first")
+
+
 def print_plan(result: QuantizeResult) -> None:
+    from rich.table import Table
+
+    console = _console()
     table = Table(title=f"placement plan ({result.plan.target})")
     for column in ("node", "op", "decision", "reason"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for decision in result.plan.decisions:
         verdict = "[green]quantize[/]" if decision.quantized else "[yellow]skip[/]"
         table.add_row(decision.node, decision.op_type, verdict, decision.reason)
@@ -160,20 +227,78 @@ def print_plan(result: QuantizeResult) -> None:
         console.print(f"tensors that can carry +/-inf (never quantized): {len(result.plan.nonfinite)}")
         for tensor, why in sorted(result.plan.nonfinite.items()):
             console.print(f"  {tensor}: {why}", markup=False)
+    for note in getattr(result.plan, "notes", []):
+        console.print(f"note: {note}", markup=False)
 
 
 def print_ranges(result: QuantizeResult) -> None:
+    from rich.table import Table
+
     table = Table(title="calibrated tensors")
     for column in ("tensor", "observed", "chosen", "non-finite", "source"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for tensor, found in result.ranges.items():
         observed = f"[{found.stats.low:.4g}, {found.stats.high:.4g}]" if found.stats.has_data else "-"
         chosen = f"[{found.chosen_low:.4g}, {found.chosen_high:.4g}]"
         table.add_row(tensor, observed, chosen, str(found.nonfinite), found.source)
-    console.print(table)
+    _console().print(table)
+
+
+def explain_document(result: QuantizeResult) -> dict[str, Any]:
+    """The whole plan and every range, names uncut: what ``--explain-json`` writes."""
+    plan = result.plan
+    return {
+        "onnxq_version": __version__,
+        "target": plan.target,
+        "decisions": [
+            {
+                "node": d.node,
+                "op_type": d.op_type,
+                "rule": d.rule,
+                "quantized": d.quantized,
+                "reason": d.reason,
+                "category": d.category,
+                "tensors": [
+                    {"tensor": u.tensor, "role": u.role, "input_index": u.input_index, "axis": u.axis}
+                    for u in d.uses
+                ],
+            }
+            for d in plan.decisions
+        ],
+        "shared_scale_groups": dict(sorted(plan.groups.items())),
+        "nonfinite": dict(sorted(plan.nonfinite.items())),
+        "notes": list(getattr(plan, "notes", [])),
+        "ranges": {
+            tensor: {
+                "observed": [found.stats.low, found.stats.high] if found.stats.has_data else None,
+                "chosen": [found.chosen_low, found.chosen_high],
+                "nonfinite": found.nonfinite,
+                "source": found.source,
+            }
+            for tensor, found in result.ranges.items()
+        },
+    }
+
+
+def write_explain_json(result: QuantizeResult, path: Path) -> None:
+    """Atomic like every onnxq output: a temp file beside ``path``, then a rename."""
+    text = json.dumps(explain_document(result), indent=1, allow_nan=True) + "\n"
+    folder = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: float) -> None:
+    from rich.table import Table
+
+    from onnxq.model_io import model_file_size
+
     quantized, skipped = result.plan.counts()
     table = Table(title=f"onnxq quantize -> {output}", show_header=False)
     table.add_column("what")
@@ -196,7 +321,7 @@ def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: fl
     table.add_row(
         "time", f"{seconds:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()) + ")"
     )
-    console.print(table)
+    _console().print(table)
 
 
 def _megabytes(size: int) -> str:
@@ -204,6 +329,8 @@ def _megabytes(size: int) -> str:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from onnxq.compare import compare
+
     result = compare(
         args.reference,
         args.quantized,
@@ -215,14 +342,17 @@ def _run_compare(args: argparse.Namespace) -> int:
     )
     print_comparison(result)
     if args.min_snr is not None and result.min_snr_db < args.min_snr:
-        error_console.print(
-            f"onnxq: check failed: SNR {result.min_snr_db:.2f} dB < --min-snr {args.min_snr} dB"
+        _console(stderr=True).print(
+            f"onnxq: check failed: SNR {result.min_snr_db:.2f} dB < --min-snr {args.min_snr} dB",
+            markup=False,
         )
         return EXIT_CHECK_FAILED
     return 0
 
 
 def print_comparison(result: CompareResult) -> None:
+    from rich.table import Table
+
     how = "ORT fused kernels" if result.ort_fusions else "Q/DQ as written"
     table = Table(title=f"onnxq compare ({result.samples} samples, {how})")
     for column in ("output", "SNR (dB)", "cosine", "max abs error"):
@@ -230,7 +360,10 @@ def print_comparison(result: CompareResult) -> None:
     for name, metrics in result.outputs.items():
         snr = "inf" if math.isinf(metrics.snr_db) and metrics.snr_db > 0 else f"{metrics.snr_db:.2f}"
         table.add_row(name, snr, f"{metrics.cosine:.6f}", f"{metrics.max_abs_error:.4g}")
+    console = _console()
     console.print(table)
+    for warning in result.warnings:
+        _console(stderr=True).print(f"onnxq: warning: {warning}", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxq.api import input_specs
-from onnxq.calibration.data import open_calibration_data
+from onnxq.calibration.data import InputSpec, open_calibration_data
 from onnxq.errors import OnnxqError
 from onnxq.model_io import load_model
+from onnxq.output_check import has_float8
 from onnxq.runtime import make_session
+
+#: reference magnitudes below this count as zero for the "nearly all zeros" warning
+NEAR_ZERO = 1e-6
+#: share of near-zero reference values above which an output's SNR says little
+MOSTLY_ZERO_SHARE = 0.99
 
 
 @dataclass
@@ -32,6 +39,8 @@ class OutputMetrics:
     max_abs_error: float = 0.0
     mismatched_nonfinite: int = 0
     elements: int = 0
+    #: reference values whose magnitude is below NEAR_ZERO (an all-zero output makes SNR meaningless)
+    near_zero: int = 0
 
     def add(self, reference: np.ndarray, quantized: np.ndarray) -> None:
         reference = reference.astype(np.float64)
@@ -47,6 +56,7 @@ class OutputMetrics:
         self.quantized_energy += float(quant @ quant)
         self.max_abs_error = max(self.max_abs_error, float(np.abs(error).max(initial=0.0)))
         self.elements += reference.size
+        self.near_zero += int((np.abs(reference) < NEAR_ZERO).sum())
 
     @property
     def snr_db(self) -> float:
@@ -68,6 +78,8 @@ class CompareResult:
     outputs: dict[str, OutputMetrics] = field(default_factory=dict)
     ort_fusions: bool = False
     samples: int = 0
+    #: what the figures do not say (printed by the CLI)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def min_snr_db(self) -> float:
@@ -94,9 +106,12 @@ def compare(
     quantized_names = [v.name or "" for v in quantized_model.graph.outputs]
     if names != quantized_names:
         raise OnnxqError(
-            f"outputs differ: {names} vs {quantized_names}", "compare a model with its own quantized version"
+            f"the models' outputs differ: {names} vs {quantized_names}",
+            "compare a model with its own quantized version",
         )
-    feeds = open_calibration_data(data, input_specs(reference_model), batch_size, max_samples)
+    specs = input_specs(reference_model)
+    _check_same_inputs(specs, input_specs(quantized_model))
+    feeds = open_calibration_data(data, specs, batch_size, max_samples)
     reference_session = make_session(reference_model, providers)
     quantized_session = make_session(quantized_model, providers, fused_kernels=ort_fusions)
     result = CompareResult({name: OutputMetrics() for name in names}, ort_fusions=ort_fusions)
@@ -105,5 +120,43 @@ def compare(
         actual = quantized_session.run(names, feed)
         for name, ref, quant in zip(names, expected, actual):
             result.outputs[name].add(np.asarray(ref), np.asarray(quant))
-        result.samples += len(next(iter(feed.values())))
+        result.samples += feeds.samples_in(feed)  # 1 per feed where feeds run as they are
+    result.warnings = _warnings(result, quantized_model)
     return result
+
+
+def _check_same_inputs(reference: list[InputSpec], quantized: list[InputSpec]) -> None:
+    """Both models must take the same feeds: same input names, each with the same dtype."""
+    expected = {spec.name: spec.dtype for spec in reference}
+    actual = {spec.name: spec.dtype for spec in quantized}
+    if expected.keys() != actual.keys():
+        raise OnnxqError(
+            f"the models take different inputs: {sorted(expected)} vs {sorted(actual)}",
+            "compare a model with its own quantized version",
+        )
+    differing = [f"{n}: {expected[n]} vs {actual[n]}" for n in expected if expected[n] != actual[n]]
+    if differing:
+        raise OnnxqError(
+            f"the models' inputs have different types ({'; '.join(differing)})",
+            "compare a model with its own quantized version",
+        )
+
+
+def _warnings(result: CompareResult, quantized: ir.Model) -> list[str]:
+    warnings = []
+    for name, metrics in result.outputs.items():
+        if metrics.elements and metrics.near_zero >= MOSTLY_ZERO_SHARE * metrics.elements:
+            share = 100.0 * metrics.near_zero / metrics.elements
+            warnings.append(
+                f"output {name!r}: {share:.1f}% of the FP32 values are zero, so its SNR says little; "
+                "judge it by the max abs error or compare on inputs that exercise it"
+            )
+    if has_float8(quantized) and any(node.op_type in _CONV_OPS for node in quantized.graph):
+        warnings.append(
+            "FP8 figures are for Q/DQ as written (ONNX Runtime at BASIC optimization); a default ONNX "
+            "Runtime 1.32 CPU session miscomputes FP8 Q/DQ->Conv (extended fusions) and gives far lower SNR"
+        )
+    return warnings
+
+
+_CONV_OPS = frozenset({"Conv", "ConvTranspose"})

@@ -3,15 +3,30 @@
 Everything else works on ``onnx_ir`` models. Weights stored as external data stay on disk as lazy
 ``ir.ExternalTensor`` objects; a model is never serialized as one protobuf over 2 GB: large models are
 written with external data and handed to ONNX Runtime as a small proto that points at the weight files.
+
+Safety rules for files (the input is never modified, nothing outside the model's folder is read):
+
+- every external tensor (initializers of the graph and of every subgraph, tensor attributes anywhere)
+  is checked when a model is loaded, before any weight is read: its location must stay inside the
+  model's folder (symlinks resolved), and its file must exist, be no hard link and hold its bytes;
+- an output references only files written next to it under its own name (``<output>.data``);
+- an output path, or its data file, that is the input or a file the input references is refused;
+- an output is written into a temporary folder beside it, checked (``onnxq.output_check``), then
+  renamed into place; temporary folders left by a killed run are removed by the next one once their
+  marker proves that the run which made them is dead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +46,10 @@ DEFAULT_IR_VERSION = 10
 EXTERNAL_DATA_THRESHOLD_BYTES = 1536 * 1024 * 1024
 #: Tensors smaller than this stay inside the .onnx file when external data is used.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
+#: Written first into every temporary output folder: who made it (see ``remove_stale_temporaries``).
+OWNER_MARKER = "onnxq-owner.json"
+#: ``tempfile.mkdtemp(prefix=".NAME.", suffix=".tmp")`` names: 8 random characters in between.
+_TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 ModelSource = Any  # str | os.PathLike | onnx.ModelProto | ir.Model | onnx_graphsurgeon.Graph
 
@@ -40,17 +59,20 @@ def load_model(source: ModelSource) -> ir.Model:
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source))
     if isinstance(source, onnx.ModelProto):
-        return ir.serde.deserialize_model(source)
-    if isinstance(source, ir.Model):
-        return clone_model(source)
-    if type(source).__name__ == "Graph" and hasattr(source, "nodes") and hasattr(source, "tensors"):
+        model = ir.serde.deserialize_model(source)
+    elif isinstance(source, ir.Model):
+        model = clone_model(source)
+    elif type(source).__name__ == "Graph" and hasattr(source, "nodes") and hasattr(source, "tensors"):
         import onnx_graphsurgeon as gs
 
-        return ir.serde.deserialize_model(gs.export_onnx(source))
-    raise OnnxqError(
-        f"cannot load a model from a {type(source).__name__}",
-        "pass a path to a .onnx file, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon.Graph",
-    )
+        model = ir.serde.deserialize_model(gs.export_onnx(source))
+    else:
+        raise OnnxqError(
+            f"cannot load a model from a {type(source).__name__}",
+            "pass a path to a .onnx file, an onnx.ModelProto, an onnx_ir.Model or an onnx_graphsurgeon.Graph",
+        )
+    check_external_data(model, f"the {type(source).__name__}")
+    return model
 
 
 def clone_model(model: ir.Model) -> ir.Model:
@@ -69,6 +91,10 @@ def _from_proto(proto: onnx.ModelProto, folder: str | None) -> ir.Model:
     model = ir.serde.deserialize_model(proto)
     if folder:
         ir.external_data.set_base_dir(model.graph, folder)
+        for function in model.functions.values():
+            for slot in _function_slots(function):
+                if isinstance(slot.tensor, ir.ExternalTensor):
+                    slot.tensor.base_dir = folder
     return model
 
 
@@ -94,34 +120,198 @@ def _load_path(path: Path) -> ir.Model:
         ) from error
     if not model.graph.outputs and not len(model.graph):
         raise OnnxqError(f"{path} holds no ONNX graph (empty or not an ONNX file)", "pass a .onnx model")
-    _check_external_data(model, path)
+    _check_text_fields(model, path)
+    check_external_data(model, str(path))
     return model
 
 
-def _check_external_data(model: ir.Model, path: Path) -> None:
-    """Fail early, naming the file, when an external-data weight file is missing."""
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and not os.path.exists(tensor.path):
-            raise OnnxqError(
-                f"{path} stores weight {value.name} in {tensor.location}, which does not exist",
-                "keep the external data file next to the model",
-            )
+def _check_text_fields(model: ir.Model, path: Path) -> None:
+    """Protobuf hands back bytes, not text, for a name that is not valid UTF-8 (a corrupt file)."""
+    graphs: list[ir.Graph | ir.Function] = [*model.graphs(), *model.functions.values()]
+    for graph in graphs:
+        for node in graph:
+            fields = {"op type": node.op_type, "domain": node.domain, "name": node.name}
+            fields.update({f"input {i}": v.name for i, v in enumerate(node.inputs) if v is not None})
+            fields.update({f"output {i}": v.name for i, v in enumerate(node.outputs)})
+            for field_name, text in fields.items():
+                if text is not None and not isinstance(text, str):
+                    raise OnnxqError(
+                        f"{path} is corrupt: a node's {field_name} is not UTF-8 text ({text!r})",
+                        "re-export the model or restore the file from its source",
+                    )
+
+
+# --- every tensor of a model --------------------------------------------------------------------
+
+
+@dataclass
+class TensorSlot:
+    """One place in a model that holds a tensor, and how to put another tensor there."""
+
+    name: str
+    tensor: ir.TensorProtocol
+    replace: Callable[[ir.TensorProtocol], None]
+
+
+def tensor_slots(model: ir.Model) -> Iterator[TensorSlot]:
+    """Every tensor of the model, in a fixed order.
+
+    Cases: initializers of the main graph and of every subgraph (If/Loop/Scan bodies, at any depth);
+    tensor and tensor-list attributes of every node (Constant nodes), in graphs, subgraphs and
+    local functions.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield TensorSlot(value.name or "", value.const_value, _initializer_setter(value))
+    yield from _attribute_slots(model.graph)
+    for function in model.functions.values():
+        yield from _function_slots(function)
+
+
+def _function_slots(function: ir.Function) -> Iterator[TensorSlot]:
+    for graph in function.subgraphs():  # functions hold no initializers, their subgraphs may
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield TensorSlot(value.name or "", value.const_value, _initializer_setter(value))
+    yield from _attribute_slots(function)
+
+
+def _initializer_setter(value: ir.Value) -> Callable[[ir.TensorProtocol], None]:
+    def replace(tensor: ir.TensorProtocol) -> None:
+        value.const_value = tensor
+
+    return replace
+
+
+def _attribute_slots(graph_like: ir.Graph | ir.Function) -> Iterator[TensorSlot]:
+    for node in ir.traversal.RecursiveGraphIterator(graph_like):
+        for key, attribute in list(node.attributes.items()):
+            if attribute.is_ref() or attribute.value is None:
+                continue
+            label = f"{key} of node {node.name or node.op_type}"
+            if attribute.type == ir.AttributeType.TENSOR:
+                yield TensorSlot(label, attribute.value, _attribute_setter(node, key, None))
+            elif attribute.type == ir.AttributeType.TENSORS:
+                items = list(attribute.value)
+                for index, tensor in enumerate(items):
+                    yield TensorSlot(
+                        f"{label}[{index}]", tensor, _attribute_setter(node, key, (items, index))
+                    )
+
+
+def _attribute_setter(
+    node: ir.Node, key: str, element: tuple[list[ir.TensorProtocol], int] | None
+) -> Callable[[ir.TensorProtocol], None]:
+    doc = node.attributes[key].doc_string
+
+    def replace(tensor: ir.TensorProtocol) -> None:
+        if element is None:
+            node.attributes[key] = ir.AttrTensor(key, tensor, doc_string=doc)
+            return
+        items, index = element
+        items[index] = tensor
+        node.attributes[key] = ir.AttrTensors(key, list(items), doc_string=doc)
+
+    return replace
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            yield value.const_value
+    for slot in tensor_slots(model):
+        if isinstance(slot.tensor, ir.ExternalTensor):
+            yield slot.tensor
 
 
 def initializer_bytes(model: ir.Model) -> int:
     """Total size of the weights, read from their metadata (no data is loaded)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return sum(slot.tensor.nbytes for slot in tensor_slots(model))
 
 
 def needs_external_data(model: ir.Model) -> bool:
     return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+# --- external data: where it may live, whether it is whole ---------------------------------------
+
+
+def check_external_data(model: ir.Model, label: str) -> None:
+    """Refuse, naming the tensor, any external tensor that is unsafe or broken. Reads no weight.
+
+    Cases: an absolute location; a location that leaves the model's folder (``..``, or a symlink
+    resolving outside it); a missing or unreadable file; a hard-linked file (onnx_ir refuses to read
+    those); a declared length that differs from the tensor's size; a file too short for offset +
+    length. A tensor without a folder (built in memory by the caller) is only checked for its file.
+    """
+    files: dict[str, os.stat_result] = {}  # one stat per file, however many tensors it holds
+    for slot in tensor_slots(model):
+        tensor = slot.tensor
+        if isinstance(tensor, ir.ExternalTensor):
+            what = f"{label}: tensor {slot.name!r}"
+            try:
+                _check_external_tensor(tensor, what, files)
+            except (OSError, ValueError) as error:  # a NUL in the location, a file we may not read
+                raise OnnxqError(
+                    f"{what}: cannot read external data location {tensor.location!r}: {error}",
+                    "re-export the model",
+                ) from error
+
+
+def _check_external_tensor(tensor: ir.ExternalTensor, what: str, files: dict[str, os.stat_result]) -> None:
+    location = str(tensor.location)
+    fix = "re-export the model so that its data files sit in its folder, complete"
+    if tensor.base_dir:
+        if os.path.isabs(location):
+            raise OnnxqError(f"{what} points at an absolute external data location {location!r}", fix)
+        folder = os.path.realpath(tensor.base_dir)
+        target = os.path.realpath(os.path.join(tensor.base_dir, location))
+        if os.path.commonpath([folder, target]) != folder:
+            raise OnnxqError(f"{what}: external data location {location!r} leaves the model's folder", fix)
+    path = tensor.path
+    if path not in files:
+        if not os.path.isfile(path):
+            raise OnnxqError(
+                f"{what} is stored in {location}, which does not exist", "keep it next to the model"
+            )
+        files[path] = os.stat(path)
+    stat = files[path]
+    if stat.st_nlink > 1:
+        raise OnnxqError(
+            f"{what} is stored in {location}, a file with {stat.st_nlink} hard links (onnx_ir refuses them)",
+            "replace the hard link with a copy of the file",
+        )
+    offset = tensor.offset or 0
+    if tensor.length is not None and tensor.length != tensor.nbytes:
+        raise OnnxqError(
+            f"{what} declares {tensor.length} bytes in {location} but its shape needs {tensor.nbytes}", fix
+        )
+    if offset + tensor.nbytes > stat.st_size:
+        raise OnnxqError(
+            f"{what} needs bytes {offset}..{offset + tensor.nbytes} of {location}, which holds only "
+            f"{stat.st_size} (truncated file)",
+            fix,
+        )
+
+
+def referenced_files(source: ModelSource) -> set[Path]:
+    """Every file a model reads: the model file itself and its external data files (resolved).
+
+    A path that is not a loadable model references only itself (loading will report it).
+    """
+    files: set[Path] = set()
+    if isinstance(source, (str, os.PathLike)):
+        files.add(Path(source).resolve())
+        try:
+            model = ir.load(Path(source).resolve())
+        except Exception:  # loading reports it, with the right message
+            return files
+    elif isinstance(source, onnx.ModelProto):
+        model = ir.serde.deserialize_model(source)
+    elif isinstance(source, ir.Model):
+        model = source
+    else:
+        return files
+    files.update(Path(t.path).resolve() for t in external_tensors(model))
+    return files
 
 
 def session_model(model: ir.Model) -> tuple[bytes, str | None]:
@@ -133,49 +323,272 @@ def session_model(model: ir.Model) -> tuple[bytes, str | None]:
     return ir.serde.serialize_model(model).SerializeToString(), external_folder(model)
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-    """Write atomically: everything goes to a temporary folder beside ``path`` and is renamed into place.
+# --- output paths ---------------------------------------------------------------------------------
 
-    ``external_data`` None decides from the weight size. No partial file survives a failure.
-    """
+
+def data_path(path: str | os.PathLike) -> Path:
+    """The external data file of an output: ``<output>.data`` beside it."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    check_output_folder(folder)
-    use_external = needs_external_data(model) if external_data is None else external_data
-    data_name = path.name + ".data" if use_external else None
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    return path.with_name(path.name + ".data")
+
+
+def output_folder(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def check_output_path(source: ModelSource, output: Path) -> None:
+    """Fail before any work when ``output`` cannot be written or would destroy part of the input.
+
+    Cases: the output or its data file is a directory; its folder is missing, not a folder or not
+    writable; the output or ``<output>.data`` is (symlinks and hard links resolved) the input model
+    or a file the input references. Only existing files can be overwritten, so the input is parsed
+    for its references only when one of the two exists.
+    """
+    _refuse_directories(output)
+    check_output_folder(output_folder(output))
+    existing = [c for c in (output, data_path(output)) if c.exists()]
+    if not existing:
+        return
+    model_file = Path(source).resolve() if isinstance(source, (str, os.PathLike)) else None
+    for protected in sorted(referenced_files(source)):
+        for candidate in existing:
+            if not _same_file(candidate, protected):
+                continue
+            what = "output path" if candidate == output else "the output's data file"
+            if protected == model_file:
+                raise OnnxqError(
+                    f"{what} {candidate} is the input model",
+                    "choose another -o path; the input is never overwritten",
+                )
+            raise OnnxqError(
+                f"{what} {candidate} is {protected}, a file the input model references",
+                "choose another -o path; the input is never overwritten",
+            )
+
+
+def _refuse_directories(output: Path) -> None:
+    for candidate in (output, data_path(output)):
+        if candidate.is_dir():
+            raise OnnxqError(
+                f"output path {candidate} is a directory", f"pass a file path, e.g. {output / 'model.onnx'}"
+            )
+
+
+def _same_file(first: Path, second: Path) -> bool:
     try:
-        ir.save(
-            model,
-            temporary / path.name,
-            external_data=data_name,
-            size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
-        )
-        if data_name:
-            os.replace(temporary / data_name, folder / data_name)
-        os.replace(temporary / path.name, path)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        return os.path.samefile(first, second)
+    except (OSError, ValueError):
+        return first.resolve() == second.resolve()
 
 
 def check_output_folder(folder: Path) -> None:
     """Fail before any work when the output cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise OnnxqError(f"output directory {folder} is not a directory", "choose another -o path")
     if not folder.is_dir():
         raise OnnxqError(f"output directory {folder} does not exist", "create it or choose another -o path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OnnxqError(f"output directory {folder} is not writable", "choose another -o path")
 
 
-def check_model(path: str | os.PathLike) -> None:
-    """``onnx.checker`` with full shape checking, by path so that >2 GB models are checked too."""
-    onnx.checker.check_model(str(path), full_check=True)
+# --- saving ---------------------------------------------------------------------------------------
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    check: bool = True,
+    custom_ops: Sequence[str] = (),
+) -> None:
+    """Write atomically: everything goes to a temporary folder beside ``path``, is checked, then renamed.
+
+    ``external_data`` None decides: external data when the weights are large or when any tensor is
+    still external (the input was saved so). The output references no file but ``<path>.data``:
+    external tensors are rewritten there (or inline when ``external_data`` is False). ``check``
+    runs the ONNX checker and an ONNX Runtime load on the written files (``onnxq.output_check``),
+    registering ``custom_ops`` libraries. No partial file survives a failure.
+    """
+    path = Path(path)
+    folder = output_folder(path)
+    _refuse_directories(path)
+    check_output_folder(folder)
+    remove_stale_temporaries(folder)
+    if external_data is None:
+        external_data = needs_external_data(model) or any(True for _ in external_tensors(model))
+    temporary = _make_temporary(folder, path.name)
+    try:
+        try:
+            data_name = _write(model, temporary / path.name, data_path(path).name if external_data else None)
+        except OSError as error:
+            raise OnnxqError(f"cannot write {path}: {error.strerror or error}", "check free space") from error
+        if check:
+            from onnxq.output_check import check_output
+
+            check_output(temporary / path.name, model, custom_ops)
+        try:
+            if data_name:
+                os.replace(temporary / data_name, folder / data_name)
+            os.replace(temporary / path.name, path)
+        except OSError as error:
+            raise OnnxqError(
+                f"cannot write {path}: {error.strerror or error}", "choose another -o path"
+            ) from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _write(model: ir.Model, path: Path, data_name: str | None) -> str | None:
+    """Serialize to ``path``; return the data file's name when one was written beside it.
+
+    With ``data_name`` every tensor over the size threshold goes into that file (read one at a time,
+    memory-mapped when external), smaller external ones inline; without it every external tensor
+    inline. The model is left as it was: tensors are swapped for the write and put back.
+    """
+    slots = list(tensor_slots(model))
+    originals = [slot.tensor for slot in slots]
+    large = [] if data_name is None else [s for s in slots if s.tensor.nbytes > EXTERNAL_TENSOR_MIN_BYTES]
+    going_external = {id(s) for s in large}
+    inline = [s for s in slots if isinstance(s.tensor, ir.ExternalTensor) and id(s) not in going_external]
+    try:
+        if large:
+            written = ir.external_data.convert_tensors_to_external(
+                [s.tensor for s in large], path.parent, data_name or ""
+            )
+            for slot, tensor in zip(large, written, strict=True):
+                slot.replace(tensor)
+        for slot in inline:
+            array = slot.tensor.numpy().copy()  # a copy: the mapped file is released
+            slot.replace(ir.Tensor(array, name=slot.tensor.name, dtype=slot.tensor.dtype))
+        ir.save(model, path)
+    finally:
+        for slot, original in zip(slots, originals, strict=True):
+            slot.replace(original)
+    return data_name if large else None
 
 
 def model_file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a saved model, its external data file included."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Bytes on disk of a saved model and of every external data file it references (once each)."""
+    return sum(file.stat().st_size for file in referenced_files(path) if file.is_file())
+
+
+# --- temporary folders and their owners -----------------------------------------------------------
+
+
+def _make_temporary(folder: Path, name: str) -> Path:
+    """A fresh ``.NAME.xxxxxxxx.tmp`` folder in ``folder``, its owner marker written first."""
+    try:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
+    except OSError as error:
+        raise OnnxqError(
+            f"cannot create a temporary folder in {folder}: {error.strerror or error}",
+            "choose an -o path in a writable folder",
+        ) from error
+    try:
+        (temporary / OWNER_MARKER).write_text(json.dumps(_owner()), encoding="utf-8")
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise OnnxqError(
+            f"cannot write in {folder}: {error.strerror or error}", "check free space"
+        ) from error
+    return temporary
+
+
+def _owner() -> dict[str, Any]:
+    pid = os.getpid()
+    return {
+        "pid": pid,
+        "start": _process_start(pid),
+        "boot": _boot_id(),
+        "host": socket.gethostname(),
+        "pid_namespace": _pid_namespace(),
+    }
+
+
+def _process_start(pid: int) -> str | None:
+    """The process start time in clock ticks since boot (Linux /proc), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_namespace() -> str | None:
+    """Which PID numbering this process sees (containers sharing a folder see different ones)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove temporary output folders that an onnxq run killed mid-save left in ``folder``.
+
+    Only folders named like onnxq's (``.NAME.xxxxxxxx.tmp``, not symlinks) that hold an owner marker
+    saying their run is dead: another boot of this host, no process with that PID, or a process
+    with that PID started at another time (PID reused). Kept: folders without a marker or with an
+    unreadable one, markers from another host or PID namespace, live owners. Returns the removed folders.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (_TEMPORARY_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False)):
+            continue
+        marker = _read_marker(Path(entry.path) / OWNER_MARKER)
+        if marker is not None and not _owner_alive(marker):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            logger.info("removed %s, left by a dead onnxq run (pid %s)", entry.path, marker["pid"])
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        if not path.is_file() or path.is_symlink():
+            return None
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pid = marker.get("pid") if isinstance(marker, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # kill(0 or -1) signals groups
+        return None
+    return marker
+
+
+def _owner_alive(marker: dict[str, Any]) -> bool:
+    """False only when the marker proves that its process is gone; True when in doubt."""
+    if marker.get("host") != socket.gethostname() or marker.get("pid_namespace") != _pid_namespace():
+        return True  # its PID means nothing here
+    boot = _boot_id()
+    if marker.get("boot") and boot and marker["boot"] != boot:
+        return False
+    pid = marker["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        pass
+    start = _process_start(pid)
+    return not (marker.get("start") and start and marker["start"] != start)
+
+
+def check_model(path: str | os.PathLike) -> None:
+    """``onnx.checker`` with full shape checking, by path so that >2 GB models are checked too."""
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def to_model_proto(model: ir.Model) -> onnx.ModelProto:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.model_io import session_model
+from onnxq.output_check import has_float8
 
 logger = logging.getLogger(__name__)
 
@@ -80,22 +81,15 @@ def make_session(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for library in custom_ops:
         _register_custom_ops(options, library)
+    # resolved outside the try below: its own error must not be wrapped as a model-load failure
+    resolved = resolve_providers(providers)
     proto_bytes, folder = session_model(model)
     if folder:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     try:
-        return ort.InferenceSession(proto_bytes, options, providers=resolve_providers(providers))
+        return ort.InferenceSession(proto_bytes, options, providers=resolved)
     except Exception as error:  # ORT raises several private exception types
         raise _session_error(error) from error
-
-
-FLOAT8_TYPES = frozenset(
-    {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ}
-)
-
-
-def has_float8(model: ir.Model) -> bool:
-    return any(v.dtype in FLOAT8_TYPES for v in model.graph.initializers.values())
 
 
 def _register_custom_ops(options: ort.SessionOptions, library: str) -> None:

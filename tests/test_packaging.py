@@ -52,3 +52,22 @@ def test_wheel_ships_the_rule_sets(tmp_path: Path) -> None:
     shipped = {Path(n).name for n in names if n.startswith("onnxq/_patterns/")}
     assert {p.name for p in (ROOT / "patterns").glob("*.toml")} <= shipped
     assert "onnxq/cli.py" in names
+
+
+def test_every_cli_option_is_in_the_readme() -> None:
+    """A flag the CLI offers and the README never names is a flag nobody finds."""
+    from onnxq.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    missing = sorted(
+        {
+            option
+            for command in [parser, *subcommands.values()]
+            for action in command._actions
+            for option in action.option_strings
+            if option.startswith("--") and option != "--help" and option not in readme
+        }
+    )
+    assert not missing, f"README does not mention {missing}"

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibration.overrides import range_problem
 from onnxq.errors import OnnxqError
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,20 @@ def _read_ranges(path: Path, tensors: Any) -> Ranges:
             )
         ranges[name] = (low, high)
     return ranges
+
+
+def check_cached_ranges(path: str | os.PathLike[str], ranges: Mapping[str, tuple[float, float]]) -> None:
+    """Refuse a cached range that no float32 scale can cover (NaN/inf, beyond float32's 3.4e38).
+
+    ``load_cache`` returns what the file holds (non-finite values round-trip); this checks the ranges
+    a run is about to use, so a hand-edited cache fails with the tensor's name, not deep in scaling.
+    """
+    for name, (low, high) in ranges.items():
+        problem = range_problem(low, high)
+        if problem is not None:
+            raise OnnxqError(
+                f"calibration cache {path}: the range of tensor '{name}': {problem}", _DELETE_FIX
+            )
 
 
 def load_cache(

@@ -13,24 +13,29 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxq.calibration.data import CalibrationData
 from onnxq.calibration.methods import CalibrationMethod
 from onnxq.calibration.statistics import AbsHistogram, TensorStats
+from onnxq.choices import DEFAULT_CALIB_MEMORY_MB
+from onnxq.errors import OnnxqError
 from onnxq.formats.base import NumberFormat
 from onnxq.graph.passes import infer_shapes, insert_after_producer, values_by_name
 from onnxq.model_io import clone_model
+from onnxq.progress import track
 from onnxq.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_LIMIT_MB = 512
+DEFAULT_MEMORY_LIMIT_MB = DEFAULT_CALIB_MEMORY_MB
 #: pass 2 receives one uint16 histogram bin per element
 BIN_INDEX_BYTES = 2
 FLOAT_BYTES = 4
@@ -53,6 +58,24 @@ class TensorRange:
         return int(self.stats.nonfinite)
 
 
+def check_memory_limit(megabytes: Any) -> float:
+    """The calibration memory limit in MB, refused unless a finite number > 0.
+
+    Cases: 0, negative, NaN, inf, bool or non-numbers -> OnnxqError (a limit of 0 or NaN would make
+    every run hold one sample and every tensor its own group, or compare as never exceeded).
+    """
+    try:
+        value = float(megabytes)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(megabytes, bool) or not math.isfinite(value) or value <= 0:
+        raise OnnxqError(
+            f"calibration memory limit {megabytes!r} MB is not a positive number",
+            f"pass --calib-memory a number of megabytes above 0 (default {DEFAULT_MEMORY_LIMIT_MB})",
+        )
+    return value
+
+
 @dataclass
 class CalibrationSettings:
     providers: Sequence[str] | None = None
@@ -60,6 +83,9 @@ class CalibrationSettings:
     memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB
     progress: bool = False
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.memory_limit_mb = check_memory_limit(self.memory_limit_mb)
 
 
 @dataclass
@@ -97,8 +123,8 @@ class Calibrator:
         suspicious: set[str] = set()
         names = [name for tensor in self.tensors for name in outputs[tensor]]
         for feed in _progress(self.data, "calibration pass 1 (ranges)", self.settings.progress):
-            results = dict(zip(names, session.run(names, feed)))
-            rows = _rows(feed)
+            results = dict(zip(names, _run(session, names, feed)))
+            rows = self.data.samples_in(feed)
             for tensor in self.tensors:
                 low, high, total, size = (float(results[name]) for name in outputs[tensor])
                 per_sample[tensor] = max(per_sample.get(tensor, 0.0), size / rows)
@@ -119,7 +145,7 @@ class Calibrator:
         for group, rows in self._plan_runs(tensors, per_sample, FLOAT_BYTES):
             session = self._session(_with_outputs(self.model, group))
             for feed in self._feeds("calibration pass 1b (non-finite)", rows):
-                for tensor, array in zip(group, session.run(group, feed)):
+                for tensor, array in zip(group, _run(session, group, feed)):
                     batch = TensorStats.of(array)
                     stats[tensor] = stats[tensor].merge(batch) if tensor in stats else batch
             del session
@@ -144,7 +170,7 @@ class Calibrator:
 
     def _feeds(self, label: str, rows: int) -> Iterator[dict[str, np.ndarray]]:
         for feed in _progress(self.data, label, self.settings.progress):
-            yield from _split_feed(feed, rows)
+            yield from self.data.split(feed, rows)
 
     def collect_histograms(
         self, stats: dict[str, TensorStats], per_sample: dict[str, float]
@@ -165,7 +191,7 @@ class Calibrator:
             session = self._session(augmented)
             part = f", group {index + 1}/{len(runs)}" if len(runs) > 1 else ""
             for feed in self._feeds(f"calibration pass 2 (histograms{part})", rows):
-                for tensor, indices in zip(group, session.run(outputs, feed)):
+                for tensor, indices in zip(group, _run(session, outputs, feed)):
                     histograms[tensor].add_bin_indices(indices)
             del session
         return histograms
@@ -226,33 +252,48 @@ def group_by_size(
     return [*groups, current] if current else groups
 
 
-def _rows(feed: dict[str, np.ndarray]) -> int:
-    """Samples in a feed: the first axis of its inputs (calibration data is batched that way)."""
-    first = next(iter(feed.values()))
-    return max(1, first.shape[0]) if first.ndim else 1
+#: ORT's status message names the failing node: "... while running Gather node. Name:'g' Status Message: ..."
+_ORT_RUN_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    *(
+        getattr(_ort_state, name)
+        for name in ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "EPFail")
+        if isinstance(getattr(_ort_state, name, None), type)
+    ),
+)
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)'(?: Status Message: (.*))?", re.DOTALL)
 
 
-def _split_feed(feed: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """The feed in runs of at most ``rows`` samples (views, no copies)."""
-    total = _rows(feed)
-    if total <= rows:
-        yield feed
-        return
-    for start in range(0, total, rows):
-        yield {name: array[start : start + rows] for name, array in feed.items()}
+def _run(session: Any, outputs: list[str], feed: dict[str, np.ndarray]) -> list[Any]:
+    """``session.run`` with ONNX Runtime's run-time failures reported as one user-facing line.
+
+    A model that loaded but fails on a feed is nearly always fed data it cannot take (a Gather id
+    beyond its table, a shape that does not broadcast). ORT raises its own pybind types (Fail,
+    InvalidArgument, RuntimeException, ...), which derive from Exception only, so they are listed.
+    """
+    try:
+        result: list[Any] = session.run(outputs, feed)
+    except _ORT_RUN_ERRORS as error:
+        raise _run_error(error, feed) from error
+    return result
 
 
-def _progress(data: CalibrationData, label: str, enabled: bool) -> Iterator[dict[str, np.ndarray]]:
-    if not enabled:
-        yield from data.batches()
-        return
-    from rich.progress import Progress as RichProgress
+def _run_error(error: Exception, feed: dict[str, np.ndarray]) -> OnnxqError:
+    message = " ".join(str(error).split())
+    shapes = ", ".join(f"{name} {list(array.shape)} {array.dtype}" for name, array in feed.items())
+    found = _ORT_NODE.search(message)
+    where = f"node '{found.group(2)}' ({found.group(1)})" if found else "the model"
+    detail = (found.group(3) if found and found.group(3) else message).strip()
+    hint = "integer inputs (token ids, indices) must lie within the tables the model looks them up in"
+    return OnnxqError(
+        f"ONNX Runtime failed running {where} on the calibration data (feed {shapes}): {detail}",
+        f"check the calibration data against what the model accepts: {hint}; shapes must fit the model",
+    )
 
-    with RichProgress(transient=True) as progress:
-        task = progress.add_task(label, total=data.num_batches)
-        for feed in data.batches():
-            yield feed
-            progress.advance(task)
+
+def _progress(data: CalibrationData, label: str, interactive: bool) -> Iterator[dict[str, np.ndarray]]:
+    """A bar in a terminal, rate-limited log lines elsewhere (see ``onnxq.progress``)."""
+    return track(data.batches(), label, data.num_batches, interactive=interactive, unit="batches")
 
 
 def _with_outputs(model: ir.Model, tensors: list[str]) -> ir.Model:

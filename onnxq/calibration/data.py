@@ -19,17 +19,31 @@
 Files are read with ``np.load(..., allow_pickle=False)``: onnxq never unpickles anything, because
 unpickling runs arbitrary code. Object arrays and pickle files are refused with an error.
 
-Files are read lazily, one file (or, for a single ``.npz``, one array per input) at a time, so memory
-does not grow with the number of files. ``CalibrationData.batches()`` re-slices the samples into
+Two modes, chosen when the data is opened:
+
+* batched (inputs share a sample axis: every input's axis 0 is dynamic, or all are the same static
+  size): samples lie along axis 0 and are cut and joined into batches as described below;
+* as-is (``shares_sample_axis`` is False: a rank-0 input such as a sample rate, a state input whose
+  batch is not axis 0 like ``state`` [2, B, 128], different static leading dims like ``input``
+  [1, 576] beside ``state`` [2, 1, 128], a static leading dim beside a dynamic one; or, for data known
+  at open, full-rank arrays with different leading sizes where the model does not give axis 0 one
+  symbolic name): each file, dict or feed dict is one feed, every array in the model's full shape, run
+  as it is (never cut, joined or given a batch axis). ``max_samples`` then counts feeds and a batch
+  size is ignored (with a warning).
+
+A declared dimension below 1 (``-1`` from paddle2onnx, 0) is dynamic. Files are read lazily, one
+file (or, for a single ``.npz``, one array per input) at a time, so memory does not grow with the
+number of files. ``CalibrationData.batches()`` re-slices the samples into
 batches of ``batch_size`` without changing which samples are used or their order, so statistics
 computed over the batches do not depend on the batch size. The one exception is a model with a
 static batch dimension B > 1: a partial batch cannot run, so the samples left over where the shape
 changes or the data ends are dropped (with a warning).
 
 Validation (each failure an ``OnnxqError`` naming the input): every model input present (other keys
-are ignored and logged), rank and static dimensions as in the model, one sample count per chunk, no
-NaN/Inf. dtypes are cast within a kind (float64 -> float32, int32 -> int64; logged once per input,
-integer overflow refused); across kinds (int <-> float, bool) they are refused.
+are ignored and logged), rank and static dimensions as in the model (axis 0 included in as-is mode),
+one sample count per chunk (batched mode), no NaN/Inf. dtypes are cast within a kind (float64 ->
+float32, int32 -> int64; logged once per input, integer overflow refused); across kinds (int <->
+float, bool) they are refused.
 """
 
 from __future__ import annotations
@@ -85,7 +99,9 @@ class InputSpec:
     """What the model expects for one input: the caller builds these from the model's graph inputs.
 
     ``shape`` holds an int for a static dimension and a str (symbolic) or None for a dynamic one.
-    Dimension 0 is the batch dimension.
+    An int below 1 is read as dynamic (None): some exporters (paddle2onnx) write ``dim_value: -1``
+    for a dynamic dimension, and a static size of 0 could never hold a sample. Dimension 0 is the
+    batch dimension when the model's inputs share a sample axis (see ``shares_sample_axis``).
     """
 
     name: str
@@ -95,7 +111,7 @@ class InputSpec:
     def __post_init__(self) -> None:
         # Accept np.float32 and friends as well as dtype instances, so comparisons are reliable.
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
-        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "shape", tuple(_dimension(dim) for dim in self.shape))
 
     @property
     def rank(self) -> int:
@@ -112,6 +128,36 @@ class InputSpec:
         """The shape as users read it, dynamic dimensions by name (or '?')."""
         dims = ["?" if dim is None else str(dim) for dim in self.shape]
         return "[" + ", ".join(dims) + "]"
+
+
+def _dimension(dim: Any) -> int | str | None:
+    """One declared dimension: a static size >= 1, a symbolic name, or None (dynamic).
+
+    Cases: int >= 1 -> static; int <= 0 (``-1`` from paddle2onnx, ``0``) -> None, since a batch of
+    -1 or 0 samples would make the batch planner take no samples; str -> symbolic; None -> None.
+    """
+    if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool):
+        return int(dim) if dim >= 1 else None
+    return dim if isinstance(dim, str) else None
+
+
+def shares_sample_axis(specs: Sequence[InputSpec]) -> bool:
+    """Whether samples of every input lie along axis 0, so feeds can be cut and joined into batches.
+
+    Cases that do NOT share one (the data is then run as-is, one feed per run):
+    * a rank-0 input (a sample rate): it has no axis to put samples on;
+    * inputs with different static leading dims (``input`` [1, 576] beside ``state`` [2, 1, 128]);
+    * a static leading dim beside a dynamic one (``input`` [seq, 576] beside ``h`` [1, 1, 128],
+      ``state`` [2, B, 128] beside ``input`` [B, T]): axis 0 is not the same axis for all of them.
+    Inputs whose leading dims are all dynamic, or all the same static size, share it.
+    """
+    if any(spec.rank == 0 for spec in specs):
+        return False
+    leading = [spec.shape[0] for spec in specs]
+    static = {dim for dim in leading if isinstance(dim, int)}
+    if len(static) > 1:
+        return False
+    return not static or all(isinstance(dim, int) for dim in leading)
 
 
 Signature = tuple[tuple[int, ...], ...]
@@ -200,11 +246,28 @@ def _as_array(value: Any, name: str, origin: str) -> NDArray:
         ) from error
 
 
-class _Validator:
-    """Checks arrays against the model's inputs and converts them; logs each notice only once."""
+class _SampleCountMismatchError(OnnxqError):
+    """Inputs of one chunk hold different numbers of samples along axis 0.
 
-    def __init__(self, specs: Sequence[InputSpec]) -> None:
+    ``full_rank`` is True when every array had the model's full rank: the chunk may then be a feed
+    the model takes as it is (``open_calibration_data`` retries the data in as-is mode).
+    """
+
+    def __init__(self, problem: str, fix: str, full_rank: bool) -> None:
+        super().__init__(problem, fix)
+        self.full_rank = full_rank
+
+
+class _Validator:
+    """Checks arrays against the model's inputs and converts them; logs each notice only once.
+
+    ``as_is``: every chunk is one feed the model runs as it is (full rank, every static dim as
+    declared, axis 0 included); it counts as one sample and is never cut or joined.
+    """
+
+    def __init__(self, specs: Sequence[InputSpec], as_is: bool = False) -> None:
         self.specs = list(specs)
+        self.as_is = as_is
         self._logged_extras: set[str] = set()
         self._logged_casts: set[str] = set()
 
@@ -234,17 +297,26 @@ class _Validator:
                     "which onnxq never loads",
                     _PICKLE_FIX,
                 )
-            batched = self._check_rank(spec, layout.shape, origin, unbatched_ok)
-            sample_shape = layout.shape[1:] if batched else layout.shape
-            self._check_static_dims(spec, sample_shape, origin)
+            if self.as_is:
+                # A feed run as it is: the whole array is the "sample", every declared dim applies.
+                self._check_rank(spec, layout.shape, origin, unbatched_ok=False)
+                sample_shape, first_axis, count = layout.shape, 0, 1
+            else:
+                batched = self._check_rank(spec, layout.shape, origin, unbatched_ok)
+                sample_shape = layout.shape[1:] if batched else layout.shape
+                first_axis, count = 1, layout.shape[0] if batched else 1
+            self._check_static_dims(spec, sample_shape, origin, first_axis)
             self._check_dtype(spec, layout.dtype, origin)
-            counts[spec.name] = layout.shape[0] if batched else 1
+            counts[spec.name] = count
             sample_shapes.append(sample_shape)
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"'{name}': {count}" for name, count in counts.items())
-            raise OnnxqError(
-                f"{origin}: inputs have different numbers of samples ({listed})",
-                "give every input the same number of samples along the first axis",
+            full_rank = all(len(layouts[spec.name].shape) == spec.rank for spec in self.specs)
+            raise _SampleCountMismatchError(
+                f"{origin}: inputs have different numbers of samples along the first axis ({listed})",
+                "give every input the same number of samples along the first axis, or save one feed "
+                "per .npz file with every array in the model's full shape",
+                full_rank,
             )
         return _ChunkInfo(next(iter(counts.values())), tuple(sample_shapes))
 
@@ -268,25 +340,30 @@ class _Validator:
             self._logged_extras.update(new)
             logger.info("%s: ignoring arrays that are not model inputs: %s", origin, ", ".join(new))
 
-    @staticmethod
-    def _check_rank(spec: InputSpec, shape: tuple[int, ...], origin: str, unbatched_ok: bool) -> bool:
+    def _check_rank(self, spec: InputSpec, shape: tuple[int, ...], origin: str, unbatched_ok: bool) -> bool:
         """Return whether the array has the batch axis; a rank that fits neither way is an error."""
         if len(shape) == spec.rank:
             return True
         if unbatched_ok and len(shape) == spec.rank - 1:
             return False
         expected = f"rank {spec.rank}" + (f" or {spec.rank - 1} (one sample)" if unbatched_ok else "")
+        layout = (
+            "as one feed (the model's inputs share no sample axis, so each feed runs as it is)"
+            if self.as_is
+            else "with the samples along the first axis"
+        )
         raise OnnxqError(
             f"{origin}: the array for input '{spec.name}' has shape {shape} (rank {len(shape)}), "
-            f"but the model expects {expected} for shape {spec.describe_shape()} "
-            "with the samples along the first axis",
+            f"but the model expects {expected} for shape {spec.describe_shape()} {layout}",
             f"reshape the data for '{spec.name}' to {spec.describe_shape()}",
         )
 
     @staticmethod
-    def _check_static_dims(spec: InputSpec, sample_shape: tuple[int, ...], origin: str) -> None:
-        """Static dimensions other than the batch dimension must match exactly."""
-        for axis, (actual, wanted) in enumerate(zip(sample_shape, spec.shape[1:]), start=1):
+    def _check_static_dims(
+        spec: InputSpec, sample_shape: tuple[int, ...], origin: str, first_axis: int = 1
+    ) -> None:
+        """Static dimensions from ``first_axis`` on (1: all but the batch dim; 0: all) must match."""
+        for axis, (actual, wanted) in enumerate(zip(sample_shape, spec.shape[first_axis:]), start=first_axis):
             if isinstance(wanted, int) and actual != wanted:
                 raise OnnxqError(
                     f"{origin}: the array for input '{spec.name}' has size {actual} in dimension {axis}, "
@@ -326,8 +403,9 @@ class _Validator:
         feed: Feed = {}
         for spec in self.specs:
             array = arrays[spec.name]
-            # An array without the batch axis is one sample (only allowed for files in a directory).
-            array = array[:count] if array.ndim == spec.rank else array[np.newaxis]
+            if not self.as_is:
+                # An array without the batch axis is one sample (only allowed for files in a directory).
+                array = array[:count] if array.ndim == spec.rank else array[np.newaxis]
             self._check_finite(spec, array, raw.origin)
             feed[spec.name] = self._cast(spec, array, raw.origin)
         return feed, count
@@ -729,7 +807,11 @@ def _plan_batches(chunks: Iterable[_ChunkInfo], batch_size: int, fixed: bool) ->
     Samples stay in source order and are all used. Consecutive chunks with the same per-sample shapes
     share batches; a shape change ends the current batch early (a batch never mixes shapes). With a
     fixed (static) batch size such a partial batch cannot run through the model and is marked dropped.
+    Every step of the inner loop takes at least one sample (``batch_size`` >= 1 is checked), so the
+    loop ends after at most ``samples`` steps per chunk.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     pending: list[_Piece] = []
     pending_count = 0
     signature: Signature | None = None
@@ -743,6 +825,8 @@ def _plan_batches(chunks: Iterable[_ChunkInfo], batch_size: int, fixed: bool) ->
         offset = 0
         while offset < info.samples:
             take = min(batch_size - pending_count, info.samples - offset)
+            if take <= 0:  # unreachable while 0 <= pending_count < batch_size; never loop on it
+                raise RuntimeError(f"batch planner made no progress (batch size {batch_size})")
             pending.append(_Piece(index, offset, offset + take))
             pending_count += take
             offset += take
@@ -787,7 +871,11 @@ class _Totals(NamedTuple):
 
 
 class CalibrationData:
-    """Validated calibration samples, re-batched on every pass; build it with ``open_calibration_data``."""
+    """Validated calibration samples, re-batched on every pass; build it with ``open_calibration_data``.
+
+    In as-is mode (``as_is``) every chunk (file, feed dict) is one feed run as it is: a "sample" is
+    then a whole feed, ``batch_size`` is 1 and feeds are never cut or joined.
+    """
 
     def __init__(
         self,
@@ -812,6 +900,33 @@ class CalibrationData:
     @property
     def batch_size(self) -> int:
         return self._batch_size
+
+    @property
+    def as_is(self) -> bool:
+        """True when every feed runs as it is (the model's inputs share no sample axis)."""
+        return self._validator.as_is
+
+    def samples_in(self, feed: Mapping[str, NDArray]) -> int:
+        """Samples one feed of ``batches()`` holds: 1 in as-is mode, else the length of axis 0."""
+        if self.as_is:
+            return 1
+        first = next(iter(feed.values()))
+        return max(1, first.shape[0]) if first.ndim else 1
+
+    def split(self, feed: Feed, rows: int) -> Iterator[Feed]:
+        """``feed`` in runs of at most ``rows`` samples (views, no copies); as-is feeds stay whole.
+
+        Cases: rows < 1 -> ValueError (no run could advance); as-is or a feed of <= rows samples
+        -> the feed itself; otherwise consecutive slices along axis 0, each advancing by ``rows``.
+        """
+        if rows < 1:
+            raise ValueError(f"a run must hold at least one sample, got {rows}")
+        total = self.samples_in(feed)
+        if self.as_is or total <= rows:
+            yield feed
+            return
+        for start in range(0, total, rows):
+            yield {name: array[start : start + rows] for name, array in feed.items()}
 
     @property
     def description(self) -> str:
@@ -868,6 +983,9 @@ class CalibrationData:
         """
         pass_index = self._passes
         self._passes += 1
+        if self.as_is:
+            yield from self._feeds_as_is(pass_index)
+            return
         loaded: dict[int, Feed] = {}
 
         def infos() -> Iterator[_ChunkInfo]:
@@ -890,6 +1008,14 @@ class CalibrationData:
             for index in [index for index in loaded if index < last_chunk]:
                 del loaded[index]
         self._finish_pass(pass_index, _Totals(0, samples, dropped))
+
+    def _feeds_as_is(self, pass_index: int) -> Iterator[Feed]:
+        """One pass in as-is mode: every validated chunk, unchanged, as one feed."""
+        feeds = 0
+        for feed, _count in self._validated_chunks():
+            yield feed
+            feeds += 1
+        self._finish_pass(pass_index, _Totals(0, feeds, 0))
 
     def _finish_pass(self, pass_index: int, totals: _Totals) -> None:
         """Report dropped samples once, and refuse a pass that produced nothing."""
@@ -933,19 +1059,27 @@ class CalibrationData:
     def fingerprint(self) -> str:
         """sha256 of every sample (input names, dtypes, shapes, bytes) in order, as the model sees them.
 
-        Hashed sample by sample, so the digest does not depend on ``batch_size``; this reads the data
-        once more (one pass). Used as the calibration cache key.
+        Hashed sample by sample, so the digest does not depend on ``batch_size``; in as-is mode each
+        feed is hashed whole (shapes included, so rank-0 inputs hash too). This reads the data once
+        more (one pass). Used as the calibration cache key.
         """
         digest = hashlib.sha256(_FINGERPRINT_TAG)
         for feed in self.batches():
-            count = len(next(iter(feed.values())))
-            for index in range(count):
-                for name, array in feed.items():
-                    sample = np.ascontiguousarray(array[index])
-                    header = f"{name}\0{sample.dtype.str}\0{sample.shape}\0{sample.nbytes}\n"
-                    digest.update(header.encode("utf-8"))
-                    digest.update(sample.tobytes())
+            if self.as_is:
+                _hash_sample(digest, feed)
+                continue
+            for index in range(self.samples_in(feed)):
+                _hash_sample(digest, {name: array[index] for name, array in feed.items()})
         return digest.hexdigest()
+
+
+def _hash_sample(digest: Any, sample: Mapping[str, NDArray]) -> None:
+    """Names, dtypes, shapes and bytes of one sample, in the model's input order."""
+    for name, array in sample.items():
+        contiguous = np.ascontiguousarray(array)
+        header = f"{name}\0{contiguous.dtype.str}\0{contiguous.shape}\0{contiguous.nbytes}\n"
+        digest.update(header.encode("utf-8"))
+        digest.update(contiguous.tobytes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -953,7 +1087,7 @@ class CalibrationData:
 
 
 def _check_specs(specs: Sequence[InputSpec]) -> None:
-    """The specs come from the model; a scalar input has no batch axis to put samples on."""
+    """The specs come from the model: at least one input, each name once."""
     if not specs:
         raise OnnxqError("the model has no inputs to calibrate", "check the model's graph inputs")
     names = [spec.name for spec in specs]
@@ -963,23 +1097,14 @@ def _check_specs(specs: Sequence[InputSpec]) -> None:
             f"the model declares input(s) {', '.join(repr(n) for n in duplicates)} more than once",
             "fix the model's graph inputs",
         )
-    for spec in specs:
-        if spec.rank == 0:
-            raise OnnxqError(
-                f"model input '{spec.name}' is a scalar, so calibration data cannot be batched along it",
-                f"export the model with a batch dimension on '{spec.name}'",
-            )
 
 
 def _resolve_batch_size(specs: Sequence[InputSpec], requested: int | None) -> tuple[int, bool]:
-    """The model's static batch dimension wins; otherwise the request, otherwise the default."""
+    """The model's static batch dimension wins; otherwise the request, otherwise the default.
+
+    Only called for inputs that share a sample axis, so there is at most one static batch size.
+    """
     fixed = {spec.fixed_batch for spec in specs if spec.fixed_batch is not None}
-    if len(fixed) > 1:
-        listed = ", ".join(f"'{spec.name}': {spec.fixed_batch}" for spec in specs)
-        raise OnnxqError(
-            f"the model's inputs have different static batch dimensions ({listed})",
-            "export the model with one batch size (or a dynamic batch dimension)",
-        )
     if requested is not None and requested < 1:
         raise OnnxqError(f"batch size must be at least 1, got {requested}", "pass a positive batch size")
     if fixed:
@@ -1005,12 +1130,49 @@ def open_calibration_data(
     without reading the data (files, dicts, lists); values (NaN/Inf) are checked as the data is read.
     ``batch_size`` defaults to the model's static batch dimension, else ``DEFAULT_BATCH_SIZE``;
     ``max_samples`` keeps the first samples in order.
+
+    Mode: inputs that share a sample axis (``shares_sample_axis``) are batched along axis 0. Where
+    they do not, or where a file/dict/list holds full-rank arrays with different leading sizes, each
+    chunk (file, dict, feed) is one feed run as it is (``max_samples`` then counts feeds and
+    ``batch_size`` is ignored).
     """
     _check_specs(specs)
     if max_samples is not None and max_samples < 1:
         raise OnnxqError(f"max samples must be at least 1, got {max_samples}", "pass a positive number")
+    if not shares_sample_axis(specs):
+        return _open_as_is(source, specs, batch_size, max_samples, "the model's inputs share no sample axis")
     size, fixed = _resolve_batch_size(specs, batch_size)
     validator = _Validator(specs)
-    data = CalibrationData(_make_source(source, validator), validator, size, fixed, max_samples)
+    try:
+        data = CalibrationData(_make_source(source, validator), validator, size, fixed, max_samples)
+    except _SampleCountMismatchError as error:
+        if not error.full_rank or _one_named_batch(specs):
+            raise
+        # Full-rank arrays with different leading sizes: feeds the model takes as they are.
+        return _open_as_is(source, specs, batch_size, max_samples, error.problem)
+    data.check_not_empty()
+    return data
+
+
+def _one_named_batch(specs: Sequence[InputSpec]) -> bool:
+    """True when every input's axis 0 carries the same symbolic name ("batch"): the model says they
+    share it, so different sample counts are a data error, never feeds to run as they are."""
+    leading = {spec.shape[0] for spec in specs}
+    return len(leading) == 1 and isinstance(next(iter(leading)), str)
+
+
+def _open_as_is(
+    source: CalibrationSource,
+    specs: Sequence[InputSpec],
+    batch_size: int | None,
+    max_samples: int | None,
+    why: str,
+) -> CalibrationData:
+    """Calibration data whose every chunk runs as it is (one feed per file, dict or list entry)."""
+    logger.info("calibration feeds run as they are, one per file or feed dict (%s)", why)
+    if batch_size is not None:
+        logger.warning("batch size %d ignored: each calibration feed runs as it is (%s)", batch_size, why)
+    validator = _Validator(specs, as_is=True)
+    data = CalibrationData(_make_source(source, validator), validator, 1, False, max_samples)
     data.check_not_empty()
     return data

@@ -2,6 +2,9 @@
 
 * ``load_overrides``: ranges the user fixes by hand in a JSON file, for tensors whose calibration data
   is unrepresentative (``{"tensor": [low, high]}`` or ``{"tensor": {"low": .., "high": ..}}``).
+* ``warn_unmatched_overrides``: a warning, with near matches, for override names that name no tensor.
+* ``range_problem``: why a range cannot become a scale (not finite, beyond float32), shared with the
+  calibration cache.
 * ``known_ranges``: bounds implied by the op that produces a tensor (Softmax lies in [0, 1], Relu is
   never negative, ...). The calibrator intersects observed statistics with them and a known bound
   wins, so e.g. a Sigmoid output is quantized over exactly [0, 1] even if the data never reached 1.
@@ -9,10 +12,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import os
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,26 @@ _FIXED_OUTPUT_RANGES: dict[str, KnownRange] = {
 _CLIP_MIN_INPUT = 1
 _CLIP_MAX_INPUT = 2
 _OVERRIDE_FORMAT_FIX = 'write {"tensor_name": [low, high], ...} with finite numbers and low <= high'
+#: activations are float32 when quantized; a bound beyond this has no float32 scale
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: how many near matches a warning about an unknown tensor name lists
+_NEAR_MATCHES = 3
+
+
+def range_problem(low: float, high: float) -> str | None:
+    """Why [low, high] cannot be quantized, or None when it can.
+
+    Cases: NaN/inf bound -> "is not a finite number"; finite but |bound| > 3.4e38 -> beyond
+    float32's range (a float32 tensor never holds it, and its scale overflows); low > high.
+    """
+    for bound in (low, high):
+        if not math.isfinite(bound):
+            return f"bound {bound!r} is not a finite number"
+        if abs(bound) > FLOAT32_MAX:
+            return f"bound {bound!r} exceeds float32's range (+/-{FLOAT32_MAX:.1e})"
+    if low > high:
+        return f"low {low!r} > high {high!r}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +109,12 @@ def _parse_override(path: Path, name: str, entry: Any) -> tuple[float, float]:
             f"range override for tensor '{name}' in {path} has low {low!r} > high {high!r}",
             f"swap the bounds of '{name}'",
         )
+    problem = range_problem(low, high)
+    if problem is not None:
+        raise OnnxqError(
+            f"range override for tensor '{name}' in {path}: {problem}",
+            f"give '{name}' bounds within +/-{FLOAT32_MAX:.1e} (activations are float32)",
+        )
     return low, high
 
 
@@ -119,6 +150,40 @@ def load_overrides(path: str | os.PathLike[str]) -> dict[str, tuple[float, float
     overrides = {name: _parse_override(override_path, name, entry) for name, entry in document.items()}
     logger.info("loaded %d range overrides from %s", len(overrides), override_path)
     return overrides
+
+
+def value_names(model: ir.Model) -> set[str]:
+    """Names of every value in the model, subgraphs included: what an override may name."""
+    names = {value.name for value in model.graph.inputs if value.name}
+    names.update(name for name in model.graph.initializers if name)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        names.update(
+            value.name for value in (*node.inputs, *node.outputs) if value is not None and value.name
+        )
+    return names
+
+
+def warn_unmatched_overrides(
+    overrides: Iterable[str], names: Collection[str], calibrated: Collection[str] = ()
+) -> list[str]:
+    """Warn about override names that match no tensor (listing near matches); return them.
+
+    Cases: a name in ``names`` but not ``calibrated`` is logged at info level (the tensor exists
+    but is not quantized, so the override has no effect); a name in neither is a warning, with up
+    to three close spellings from ``names`` (a typo or a name from another export is the usual cause).
+    """
+    unknown = []
+    for name in overrides:
+        if name in calibrated:
+            continue
+        if name in names:
+            logger.info("range override for '%s' is unused: that tensor is not quantized", name)
+            continue
+        unknown.append(name)
+        near = difflib.get_close_matches(name, list(names), n=_NEAR_MATCHES)
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        logger.warning("range override for '%s' matches no tensor in the model%s", name, hint)
+    return unknown
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Graph clean-up passes run before placement, each small and in place on an ``ir.Model``.
 
-The order matters: constants first (so weights are initializers), then BatchNorm folding (which needs
-constant Conv weights), then the opset upgrade and shape inference that placement reads.
+The order matters: local functions inlined first (their nodes become plannable), then constants (so
+weights are initializers, in subgraphs too), then Ifs with a constant condition inlined (a lifted
+Constant condition is a known value), then BatchNorm folding (which needs constant Conv weights),
+then the opset upgrade, the repair of declared shapes that inference contradicts, and the shape
+inference that placement reads.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import onnx.defs
 import onnx_ir as ir
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
+    InlinePass,
     LiftConstantsToInitializersPass,
     RemoveUnusedNodesPass,
     ShapeInferencePass,
@@ -31,17 +34,149 @@ def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
+def inline_functions(model: ir.Model) -> int:
+    """Inline calls of the model's local functions; return how many functions there were.
+
+    ONNX Runtime inlines them itself when it loads the model, so the computation is unchanged; once
+    inlined, their Conv/MatMul nodes are main-graph nodes that can be planned and calibrated. Cases:
+    no functions (nothing done); inlining fails (functions kept: the plan lists their nodes as float).
+    """
+    count = len(model.functions)
+    if not count:
+        return 0
+    try:
+        InlinePass()(model)
+    except Exception as error:  # an onnx_ir limitation must not stop quantization
+        logger.warning("local functions kept (cannot inline them: %s); their nodes stay float", error)
+        return 0
+    return count - len(model.functions)
+
+
 def lift_constant_nodes(model: ir.Model) -> int:
     """Turn ``Constant`` nodes into initializers so that their weights are quantized as weights.
 
     Cases: tensor ``value`` constants and scalar/list ``value_*`` constants are lifted; a Constant that
-    is a graph output stays. Exporters and ``onnx.version_converter`` often emit weights this way; a
-    quantizer that only looks at initializers would treat them as activations (per-tensor).
+    is a graph output stays. Constants inside ``If``/``Loop``/``Scan`` bodies become initializers of
+    that body (ONNX and ONNX Runtime accept subgraph initializers). Exporters and
+    ``onnx.version_converter`` often emit weights this way; a quantizer that only looks at
+    initializers would treat them as activations (per-tensor). Returns how many were lifted.
     """
-    before = sum(1 for n in model.graph if n.op_type == "Constant")
+    before = _count_constants(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    IdentityEliminationPass()(model)
-    return before - sum(1 for n in model.graph if n.op_type == "Constant")
+    eliminate_identities(model)
+    return before - _count_constants(model)
+
+
+def _count_constants(model: ir.Model) -> int:
+    return sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant")
+
+
+def eliminate_identities(model: ir.Model) -> int:
+    """Remove ``Identity`` nodes whose input can stand for their output; return how many.
+
+    Cases: output used only inside the graph (uses rewired to the input, nested bodies included);
+    output is a graph output and the input is computed by a node of the *same* graph (the input
+    takes the output's name). Kept: input is a graph input or initializer and output a graph output;
+    input comes from an enclosing graph (an ``If`` branch that returns an outer value: onnx_ir's
+    IdentityEliminationPass moves the outer value into the branch's outputs, which breaks the
+    model or raises "already an output of a different graph"); input is already a graph output.
+    """
+    removed = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if _removable_identity(node):
+            _remove_identity(node)
+            removed += 1
+    return removed
+
+
+def _removable_identity(node: ir.Node) -> bool:
+    if node.op_type != "Identity" or node.domain not in DEFAULT_DOMAINS:
+        return False
+    if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
+        return False
+    source, output = node.inputs[0], node.outputs[0]
+    if not output.is_graph_output():
+        return True
+    producer = source.producer()
+    return (
+        producer is not None
+        and producer.graph is node.graph
+        and not source.is_graph_output()
+        and source.name is not None
+    )
+
+
+def _remove_identity(node: ir.Node) -> None:
+    source, output = node.inputs[0], node.outputs[0]
+    assert source is not None and node.graph is not None
+    if source.type is None:
+        source.type = output.type
+    if source.shape is None:
+        source.shape = output.shape
+    was_output, name = output.is_graph_output(), output.name
+    output.replace_all_uses_with(source, replace_graph_outputs=True)
+    node.graph.remove(node, safe=True)
+    if was_output:  # the graph's output keeps its name
+        source.name = name
+
+
+def inline_constant_ifs(model: ir.Model) -> int:
+    """Replace each main-graph ``If`` whose condition is a constant by the branch it always takes.
+
+    Its nodes then sit in the main graph, where they can be planned and calibrated (ONNX Runtime
+    cannot fetch tensors inside a branch). Cases: condition computed at run time (kept); constant
+    true/false (inlined, nested Ifs of that branch included, as they then reach the main graph);
+    a branch output that is an outer value or a branch initializer (an Identity keeps the If's
+    output name). Ends: every round removes one If and adds none that was not already in the model.
+    """
+    inlined = 0
+    while (node := _constant_if(model.graph)) is not None:
+        condition = node.inputs[0]
+        assert condition is not None and condition.const_value is not None
+        taken = "then_branch" if bool(condition.const_value.numpy().reshape(-1)[0]) else "else_branch"
+        _inline_branch(model.graph, node, node.attributes[taken].as_graph())
+        inlined += 1
+    if inlined:
+        eliminate_identities(model)
+    return inlined
+
+
+def _constant_if(graph: ir.Graph) -> ir.Node | None:
+    for node in graph:
+        if node.op_type == "If" and node.domain in DEFAULT_DOMAINS and node.inputs:
+            condition = node.inputs[0]
+            if (
+                condition is not None
+                and condition.const_value is not None
+                and condition.const_value.size == 1
+            ):
+                return node
+    return None
+
+
+def _inline_branch(graph: ir.Graph, node: ir.Node, branch: ir.Graph) -> None:
+    forget_names(graph)
+    results = list(branch.outputs)
+    branch.outputs.clear()  # a value may be the output of one graph only
+    for name in list(branch.initializers):
+        value = branch.initializers.pop(name)
+        value.name = unique_name(graph, name)
+        graph.register_initializer(value)
+    moved = list(branch)
+    branch.remove(moved)
+    for inner in moved:
+        inner.name = unique_name(graph, inner.name or inner.op_type)
+    graph.insert_before(node, moved)
+    renames = []
+    for output, result in zip(node.outputs, results):
+        identity = ir.node("Identity", [result], name=unique_name(graph, f"{node.name or 'If'}_inlined"))
+        identity.outputs[0].type, identity.outputs[0].shape = output.type, output.shape
+        graph.insert_before(node, identity)
+        output.replace_all_uses_with(identity.outputs[0], replace_graph_outputs=True)
+        renames.append((identity.outputs[0], output.name))
+    graph.remove(node, safe=True)
+    for value, if_name in renames:  # the If's outputs keep their names (graph outputs included)
+        value.name = if_name
 
 
 def fold_batch_norm(model: ir.Model) -> int:
@@ -214,6 +349,79 @@ def _convert_with_onnx(model: ir.Model, target: int, changed_ops: list[str]) -> 
 def infer_shapes(model: ir.Model) -> None:
     """ONNX shape inference merged into the IR (weights are not serialized for it)."""
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+
+
+#: graph meta key: notes for the plan, left by passes (``placement.planner`` copies them to ``Plan.notes``)
+NOTES_KEY = "onnxq_notes"
+
+
+def add_note(model: ir.Model, note: str) -> None:
+    model.graph.meta.setdefault(NOTES_KEY, []).append(note)
+
+
+def notes(model: ir.Model) -> list[str]:
+    return list(model.graph.meta.get(NOTES_KEY, []))
+
+
+def repair_declared_shapes(model: ir.Model) -> list[str]:
+    """Replace declared shapes of computed values that ONNX shape inference contradicts; return notes.
+
+    Some exporters declare output/value_info shapes the graph does not produce; the strict checker
+    then rejects the quantized model ("Inferred shape and existing shape differ"). Every node output
+    (graph outputs included, subgraphs too) is inferred afresh without its declared shape, then:
+    inferred nothing (declared shape kept, negative dims made dynamic); agrees (declared and inferred
+    merged, static dims win); contradicts (different rank or a different static dim: the inferred
+    shape replaces it, and a note says so). Dtypes are kept; graph inputs are the model's contract
+    and are not touched. Each note is also left on the model for the plan (see ``notes``).
+    """
+    declared = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value.shape is not None:
+                declared[value] = value.shape
+                value.shape = None
+    if not declared:
+        return []
+    infer_shapes(model)
+    found = []
+    for value, shape in declared.items():
+        merged = _merged_shape(shape, value.shape)
+        if merged is None:  # contradiction: keep what inference says the graph computes
+            found.append(
+                f"declared shape {_shape_text(shape)} of {value.name} contradicts the inferred "
+                f"{_shape_text(value.shape)}: replaced"
+            )
+            continue
+        value.shape = merged
+    for note in found:
+        add_note(model, note)
+    if found:
+        logger.info("%d declared shapes contradicted by shape inference were replaced", len(found))
+    return found
+
+
+def _merged_shape(declared: ir.Shape, inferred: ir.Shape | None) -> ir.Shape | None:
+    """Declared and inferred dims merged (static first), or None when they contradict each other."""
+    mine = [d if not (isinstance(d, int) and d < 0) else ir.SymbolicDim(None) for d in declared]
+    if inferred is None:
+        return ir.Shape(mine)
+    if len(mine) != len(inferred):
+        return None
+    merged: list[int | ir.SymbolicDim] = []
+    for left, right in zip(mine, inferred):
+        if isinstance(left, int) and isinstance(right, int) and left != right:
+            return None
+        if isinstance(left, int) or isinstance(right, int):
+            merged.append(left if isinstance(left, int) else right)
+        else:  # both symbolic: a named dim tells more than an anonymous one
+            merged.append(left if left.value is not None else right)
+    return ir.Shape(merged)
+
+
+def _shape_text(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "unknown"
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def clean_up(model: ir.Model) -> None:

@@ -53,9 +53,10 @@ def activation_problem(value: ir.Value | None, context: Context) -> Skip | None:
 
 
 def _static_dims(value: ir.Value | None) -> list[int | None]:
+    """Declared dims, None where dynamic: symbolic, unknown, or negative (paddle2onnx writes -1)."""
     if value is None or value.shape is None:
         return []
-    return [d if isinstance(d, int) else None for d in value.shape]
+    return [d if isinstance(d, int) and d >= 0 else None for d in value.shape]
 
 
 def _weight_use(node: ir.Node, index: int, axis: int | None, rule: Rule) -> TensorUse:
@@ -242,7 +243,32 @@ def match_all_inputs(node: ir.Node, rule: Rule, context: Context) -> Match:
 
 
 def match_never(node: ir.Node, rule: Rule, context: Context) -> Match:
-    return Skip(str(rule.get("reason", f"{node.op_type} stays in float")), "kept float")
+    """Always float. The rule's ``reason`` may name the node with ``{node}`` (op type and constant
+    operands, e.g. "Div by constant 6") and ``{op_type}``, so the reason is true for every op listed."""
+    reason = str(rule.get("reason", "{op_type} stays in float"))
+    # plain replacement, not str.format: a user's reason may hold other braces
+    reason = reason.replace("{node}", describe_node(node)).replace("{op_type}", node.op_type)
+    return Skip(reason, "kept float")
+
+
+#: how a constant second operand reads after the op type ("Div by constant 6")
+_OPERAND_WORDS = {"Div": "by constant", "Mul": "by constant", "Pow": "with constant exponent"}
+
+
+def describe_node(node: ir.Node) -> str:
+    """The op type and its constant second operand, if any: "Div by constant 6", "Sqrt".
+
+    Cases: no constant second input (op type alone); a one-element constant (its value); a bigger
+    constant (its shape).
+    """
+    operand = node.inputs[1] if len(node.inputs) > 1 else None
+    if operand is None or operand.const_value is None:
+        return node.op_type
+    words = _OPERAND_WORDS.get(node.op_type, "with constant")
+    tensor = operand.const_value
+    if tensor.size == 1:
+        return f"{node.op_type} {words} {float(tensor.numpy().reshape(-1)[0]):g}"
+    return f"{node.op_type} {words} of shape {list(tensor.shape.numpy())}"
 
 
 def match_neighbour(node: ir.Node, rule: Rule, context: Context) -> Match:

@@ -57,6 +57,8 @@ class Plan:
     groups: dict[str, str] = field(default_factory=dict)
     #: tensors that can carry +/-inf, found statically or during calibration, with why
     nonfinite: dict[str, str] = field(default_factory=dict)
+    #: what the clean-up passes changed that the user should know (declared shapes dropped, ...)
+    notes: list[str] = field(default_factory=list)
 
     def join_group(self, tensors: list[str]) -> None:
         """Put ``tensors`` (and every tensor already grouped with one of them) in one scale group."""

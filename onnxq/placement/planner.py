@@ -6,15 +6,22 @@ user's filters. Second pass, backwards: rules that depend on their neighbours (p
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from onnxq.graph import passes
 from onnxq.placement.infinite import find_infinite_tensors
 from onnxq.placement.matchers import MATCHERS, SECOND_PASS_KINDS, Context, Skip
 from onnxq.placement.plan import NodeDecision, Plan
 from onnxq.placement.rules import Rule, RuleSet
+
+logger = logging.getLogger(__name__)
+
+SUBGRAPH_REASON = "subgraph tensors cannot be calibrated through ONNX Runtime"
+FUNCTION_REASON = "function bodies are not quantized"
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,71 @@ def plan_placement(model: ir.Model, rules: RuleSet, options: PlacementOptions | 
     for node, rule in reversed(second_pass):
         plan.decisions.append(_decide(node, rule, context, options))
     plan.decisions.sort(key=lambda d: context.order.get(d.node, -1))
+    nested = nested_decisions(model, rules)
+    plan.decisions += nested
+    plan.notes += passes.notes(model)
+    if nested:
+        plan.notes.append(_nested_note(nested))
+        logger.warning("%s (see --explain)", plan.notes[-1])
     return plan
+
+
+def _nested_note(nested: list[NodeDecision]) -> str:
+    """One line for the plan's notes: how many nodes stay float inside bodies and functions, and why."""
+    in_functions = sum(1 for d in nested if d.category == "inside function")
+    in_bodies = len(nested) - in_functions
+    parts = [f"{in_bodies} inside If/Loop/Scan bodies ({SUBGRAPH_REASON})"] if in_bodies else []
+    parts += [f"{in_functions} inside local functions ({FUNCTION_REASON})"] if in_functions else []
+    return f"{len(nested)} candidate nodes stay float: {'; '.join(parts)}"
+
+
+def nested_decisions(model: ir.Model, rules: RuleSet) -> list[NodeDecision]:
+    """Nodes a rule covers inside ``If``/``Loop``/``Scan`` bodies and local functions: left float.
+
+    ONNX Runtime can only fetch main-graph tensors, so activations inside a body cannot be
+    calibrated; each such node is listed with where it sits, so the plan says why it stays float.
+    Cases: bodies of main-graph nodes (nested bodies named by their innermost owner); function
+    bodies (and bodies inside them).
+    """
+    decisions: list[NodeDecision] = []
+    for node in model.graph:
+        decisions += _body_decisions(node, rules)
+    for function in model.functions.values():
+        where = f"inside local function '{function.domain}:{function.name}'"
+        for index, inner in enumerate(function):
+            decisions += _decisions_for(inner, index, where, "inside function", FUNCTION_REASON, rules)
+            decisions += _body_decisions(inner, rules)
+    return decisions
+
+
+def _body_decisions(owner: ir.Node, rules: RuleSet) -> list[NodeDecision]:
+    decisions: list[NodeDecision] = []
+    for attribute_name, body in _bodies(owner):
+        where = f"inside {owner.op_type} body '{attribute_name}' of node {owner.name}"
+        for index, node in enumerate(body):
+            decisions += _decisions_for(node, index, where, "inside subgraph", SUBGRAPH_REASON, rules)
+            decisions += _body_decisions(node, rules)
+    return decisions
+
+
+def _bodies(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    bodies: list[tuple[str, ir.Graph]] = []
+    for name, attribute in node.attributes.items():
+        if attribute.type == ir.AttributeType.GRAPH:
+            bodies.append((name, attribute.as_graph()))
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            bodies += [(f"{name}[{i}]", graph) for i, graph in enumerate(attribute.as_graphs())]
+    return bodies
+
+
+def _decisions_for(
+    node: ir.Node, index: int, where: str, category: str, why: str, rules: RuleSet
+) -> list[NodeDecision]:
+    rule = rules.rule_for(node.op_type)
+    if rule is None:
+        return []
+    name = node.name or f"{where}#{index}"
+    return [NodeDecision(name, node.op_type, rule.name, False, f"{where}: {why}", category)]
 
 
 def _decide(node: ir.Node, rule: Rule, context: Context, options: PlacementOptions) -> NodeDecision:

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from onnxq.choices import TARGETS
 from onnxq.errors import OnnxqError
 
 if sys.version_info >= (3, 11):
@@ -20,7 +21,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TARGETS = ("tensorrt", "ort")
 
 
 @dataclass(frozen=True)

@@ -413,14 +413,18 @@ def test_static_batch_with_too_few_samples() -> None:
     assert_user_error(error, "fewer than the model's fixed batch size 4")
 
 
-def test_inputs_with_different_static_batches() -> None:
+def test_inputs_with_different_static_batches_run_as_is() -> None:
+    """Different static leading dims share no sample axis: the feed must fit the model whole."""
     specs = [
         InputSpec("a", np.dtype(np.float32), (2, 3)),
         InputSpec("b", np.dtype(np.float32), (4, 3)),
     ]
+    data = open_calibration_data({"a": samples(2), "b": samples(4)}, specs)
+    assert data.as_is
+    assert [feed["b"].shape for feed in data.batches()] == [(4, 3)]
     with pytest.raises(OnnxqError) as error:
         open_calibration_data({"a": samples(4), "b": samples(4)}, specs)
-    assert_user_error(error, "'a': 2", "'b': 4")
+    assert_user_error(error, "'a'", "dimension 0", "fixes it to 2")
 
 
 @pytest.mark.parametrize(("batch_size", "max_samples"), [(0, None), (None, 0)])
@@ -619,10 +623,14 @@ def test_npz_member_that_is_not_an_array(tmp_path: Path) -> None:
     assert_user_error(error, "odd.npz", "corrupt")
 
 
-def test_scalar_model_input_is_refused() -> None:
+def test_scalar_model_input_takes_a_scalar_as_is() -> None:
+    """A rank-0 input has no sample axis: its data is one scalar per feed, anything else is refused."""
+    spec = [InputSpec("t", np.dtype(np.float32), ())]
+    data = open_calibration_data({"t": np.float32(2.5)}, spec)
+    assert [float(feed["t"]) for feed in data.batches()] == [2.5]
     with pytest.raises(OnnxqError) as error:
-        open_calibration_data({"t": np.zeros(3)}, [InputSpec("t", np.dtype(np.float32), ())])
-    assert_user_error(error, "'t'", "scalar")
+        open_calibration_data({"t": np.zeros(3)}, spec)
+    assert_user_error(error, "'t'", "rank 0", "runs as it is")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx.checker
@@ -16,7 +17,7 @@ from onnx import TensorProto
 import onnxq
 from onnxq.formats import get_format
 from onnxq.formats.base import QuantParams
-from onnxq.graph import passes
+from onnxq.graph import passes, qdq
 from onnxq.graph.qdq import insert_qdq
 from onnxq.placement.plan import QuantizedTensor
 
@@ -269,3 +270,89 @@ def test_activation_qdq_types(fmt, dtype, zero_point: int) -> None:
     x = np.linspace(-2, 2, 32, dtype=np.float32).reshape(2, 16)
     p = params(fmt, 0.02, zero_point)
     np.testing.assert_allclose(run(proto, {"x": x})[0], np.maximum(fmt.dequantize(fmt.quantize(x, p), p), 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# float16 / bfloat16 tensors
+
+
+def fp16_conv(opset: int, w: np.ndarray) -> onnx.ModelProto:
+    return build(
+        "g (float16[N, 16, 8, 8] x) => (float16[N, 32, 8, 8] y) { [conv] y = Conv<pads = [1, 1, 1, 1]>(x, w) }",
+        {"w": w},
+        opset,
+    )
+
+
+def test_float16_tensor_below_opset_19_is_refused_not_written_invalid() -> None:
+    w = randn(np.random.default_rng(90), 32, 16, 3, 3).astype(np.float16)
+    model = ir.serde.deserialize_model(fp16_conv(17, w))
+    with pytest.raises(ValueError, match="opset 19"):
+        insert_qdq(model, [activation("x", ("conv", 0))], {"x": params(INT8)}, INT8, INT8)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("g (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }", 0),
+        ("g (float16[N, 4] x) => (float16[N, 4] y) { y = Relu(x) }", 19),
+        ("g (bfloat16[N, 4] x) => (bfloat16[N, 4] y) { y = Relu(x) }", 19),
+        # float in and out, float16 inside (a Cast whose output type is not inferred yet)
+        (
+            "g (float[N, 4] x) => (float[N, 4] y) { h = Cast<to = 10>(x)\n r = Relu(h)\n y = Cast<to = 1>(r) }",
+            19,
+        ),
+        ("g (float[N, 4] x) => (float[N, 4] y) { c = Constant<value = float16[1] {1}>()\n y = Relu(x) }", 19),
+        ("g (float[N, 4] x) => (float[N, 4] y) { h = Cast<to = 999>(x)\n y = Relu(x) }", 0),
+    ],
+    ids=["float32", "float16", "bfloat16", "cast-inside", "constant-inside", "unknown-cast-code"],
+)
+def test_required_opset_follows_the_float_types(text: str, expected: int) -> None:
+    model = onnx.parser.parse_model(f'<ir_version: 10, opset_import: ["" : 17]>\n{text}')
+    assert qdq.required_opset(ir.serde.deserialize_model(model)) == expected
+
+
+def test_float16_scale_is_clamped_to_the_normal_range() -> None:
+    # 1e-6 / 127 underflows to 0 in float16 (and 1e-3 / 127 is subnormal): x / 0 would be inf
+    scale = qdq.scale_in_type(np.array([1e-6 / 127, 1e-3 / 127, 0.5, 1e6], np.float32), np.dtype(np.float16))
+    smallest_normal = np.finfo(np.float16).smallest_normal
+    assert scale.dtype == np.float16
+    assert np.all(scale >= smallest_normal) and np.all(np.isfinite(scale))
+    assert scale[2] == np.float16(0.5)
+    untouched = np.array([1e-30, 3.0], np.float32)
+    np.testing.assert_array_equal(qdq.scale_in_type(untouched, np.dtype(np.float32)), untouched)
+
+
+def test_float16_weight_codes_match_the_stored_float16_scale() -> None:
+    rng = np.random.default_rng(91)
+    w = randn(rng, 32, 16, 3, 3)
+    w[3] *= 1e-5  # a channel whose float32 scale (about 3e-8) has no float16 normal counterpart
+    w = w.astype(np.float16)
+    model = ir.serde.deserialize_model(fp16_conv(19, w))
+    insert_qdq(model, [weight("w", 0, ("conv", 1))], {}, INT8, INT8)
+    dequantize = node(model, "conv").inputs[1].producer()
+    stored, scale, _ = (v.const_value.numpy() for v in dequantize.inputs)
+    assert scale.dtype == np.float16 and np.all(scale >= np.finfo(np.float16).smallest_normal)
+    restored = stored.astype(np.float32) * scale.astype(np.float32).reshape(-1, 1, 1, 1)
+    # every code is the stored-scale rounding of its weight: error at most half a step of that scale
+    step = scale.astype(np.float32).reshape(-1, 1, 1, 1)
+    assert np.all(np.abs(restored - w.astype(np.float32)) <= step / 2 + 1e-7)
+    finish(model)
+
+
+def test_bfloat16_weight_and_activation_get_bfloat16_scales() -> None:
+    """ONNX Runtime's CPU provider runs no bfloat16 Q/DQ, so the checker is the judge here."""
+    rng = np.random.default_rng(92)
+    original = build(
+        "g (bfloat16[N, 64] x) => (bfloat16[N, 64] y) { [mm] y = MatMul(x, m) }",
+        {"m": randn(rng, 64, 64).astype(ml_dtypes.bfloat16)},
+        opset=19,
+    )
+    model = ir.serde.deserialize_model(original)
+    insert_qdq(
+        model, [weight("m", 1, ("mm", 1)), activation("x", ("mm", 0))], {"x": params(INT8)}, INT8, INT8
+    )
+    proto = finish(model)
+    initializers = {t.name: t.data_type for t in proto.graph.initializer}
+    scales = {initializers[n.input[1]] for n in proto.graph.node if n.op_type in (Q, DQ)}
+    assert scales == {TensorProto.BFLOAT16}

@@ -407,6 +407,9 @@ def test_add_without_residual_fusion_stays_float(text: str, reason: str, categor
 # precision-sensitive ops stay float: GELU, LayerNormalization, Softmax
 
 KEEP_FLOAT = "precision-sensitive op (normalization, GELU, Softmax) stays in float"
+#: Div, Pow, Sqrt, ReduceMean: the reason names the node, not a purpose it may not have
+ARITHMETIC = "{}: elementwise arithmetic and reductions stay in float"
+ARITHMETIC_OPS = ("Div", "Pow", "Sqrt", "ReduceMean")
 
 GELU_ERF = """g (float[N, 8, 32] x) => (float[N, 8, 32] y) {
     [up] h = MatMul(x, w1)
@@ -490,10 +493,15 @@ def test_precision_sensitive_ops_stay_float(
     for node, category in decided.items():
         found = decision(result, node)
         assert (found.quantized, found.category) == (False, category), node
-        if category == "kept float":
+        if category == "kept float" and found.op_type in ARITHMETIC_OPS:
+            assert found.reason.startswith(found.op_type), node
+            assert found.reason.endswith(ARITHMETIC.format("")[1:]), node
+        elif category == "kept float":
             assert found.reason == KEEP_FLOAT
     for node in float_nodes:
         assert not any(index.reads_dq(node)), f"{node} reads a DequantizeLinear"
+    if "sqrt2" in used:  # GELU's Div by sqrt(2) says so
+        assert decision(result, "div").reason == ARITHMETIC.format(f"Div by constant {math.sqrt(2):g}")
     # the MatMul after the float block still runs in INT8
     assert decision(result, "down").quantized
     assert index.reads_dq("down") == [True, True]

@@ -1,0 +1,114 @@
+"""The last step before an output is renamed into place: is the written model valid and loadable?
+
+Two checks on the written files, by path (so models over 2 GB are checked without ever serializing a
+proto over 2 GB): ``onnx.checker`` with full shape checking, then an ONNX Runtime CPU session, which
+reads the external data from the output's own folder. The session is skipped, with a debug line,
+where ONNX Runtime cannot run the model at all: ops of custom domains without a custom-op library,
+or FLOAT4E2M1 tensors (no CPU kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import onnx.checker
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+
+logger = logging.getLogger(__name__)
+
+#: op domains ONNX Runtime's CPU build implements
+ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+FLOAT8_TYPES = frozenset(
+    {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ}
+)
+#: no ONNX Runtime CPU kernel computes on these
+UNRUNNABLE_TYPES = frozenset({ir.DataType.FLOAT4E2M1})
+_FIX = "rerun with --debug and report it"
+
+
+def check_output(path: Path, model: ir.Model, custom_ops: Sequence[str] = ()) -> None:
+    """Raise ``OnnxqError`` when the model written at ``path`` (``model`` in memory) is not valid.
+
+    Cases: the ONNX checker rejects it; ONNX Runtime cannot create a CPU session for it (skipped for
+    models ORT cannot run, see the module docstring). ``custom_ops`` libraries are registered.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as error:  # ValidationError, InferenceError, and C++ errors of other kinds
+        logger.debug("the ONNX checker rejected %s", path, exc_info=True)
+        raise OnnxqError(
+            f"the quantized model failed the ONNX checker: {_first_line(error)}", _FIX
+        ) from error
+    reason = _why_ort_cannot_run(model, custom_ops)
+    if reason:
+        logger.debug("ONNX Runtime load of the output skipped: %s", reason)
+        return
+    _load_in_ort(path, model, custom_ops)
+
+
+def _load_in_ort(path: Path, model: ir.Model, custom_ops: Sequence[str]) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1  # a load, not a run
+    # a load check: pre-packed weights would be a second copy of every weight for nothing
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if has_float8(model):
+        # ORT 1.32 CPU's extended fusions miscompute FP8 Q/DQ graphs; every onnxq session runs them at BASIC
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    for library in custom_ops:
+        try:
+            options.register_custom_ops_library(str(library))
+        except Exception as error:
+            raise OnnxqError(
+                f"cannot load custom-op library {library}: {_first_line(error)}", _FIX
+            ) from error
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises several private exception types
+        logger.debug("ONNX Runtime could not load %s", path, exc_info=True)
+        raise OnnxqError(
+            f"the quantized model failed to load in ONNX Runtime: {_first_line(error)}", _FIX
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _why_ort_cannot_run(model: ir.Model, custom_ops: Sequence[str]) -> str | None:
+    """Why an ONNX Runtime CPU session cannot be made for ``model``; None when it can."""
+    functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
+    if not custom_ops:
+        for node in _all_nodes(model):
+            if node.domain not in ORT_DOMAINS and (node.domain, node.op_type, node.overload) not in functions:
+                return f"node {node.name!r} is {node.domain}:{node.op_type}, a custom op"
+    for value in _all_values(model):
+        if value.dtype in UNRUNNABLE_TYPES:
+            return f"tensor {value.name!r} is {value.dtype.name}, which ONNX Runtime's CPU build cannot run"
+    return None
+
+
+def has_float8(model: ir.Model) -> bool:
+    """Any FP8 tensor, initializer or computed, in the graph, its subgraphs or its functions."""
+    return any(value.dtype in FLOAT8_TYPES for value in _all_values(model))
+
+
+def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def _all_values(model: ir.Model) -> Iterator[ir.Value]:
+    for graph in model.graphs():
+        yield from graph.inputs
+        yield from graph.initializers.values()
+    for node in _all_nodes(model):
+        yield from node.outputs
