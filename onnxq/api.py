@@ -34,7 +34,7 @@ from onnxq.errors import OnnxqError
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.graph import passes, prequantized
-from onnxq.graph.qdq import InsertionStats, insert_qdq, required_opset
+from onnxq.graph.qdq import LOW_PRECISION_FLOATS, InsertionStats, insert_qdq, required_opset
 from onnxq.model_io import DEFAULT_IR_VERSION, check_output_path, load_model, referenced_files, save_model
 from onnxq.placement.plan import Plan
 from onnxq.placement.planner import PlacementOptions, plan_placement
@@ -111,6 +111,7 @@ def quantize(
     rules = load_rule_set(settings.target, settings.patterns)
     plan = plan_placement(working, rules, _placement(settings))
     prequantized.keep_existing(working, plan)
+    _check_target_float_types(working, plan, settings.target)
     timer.lap("plan")
     symmetric = rules.activation_symmetric or settings.mode != "int8"
     activation_format, weight_format = formats_for(settings.mode, symmetric)
@@ -203,6 +204,25 @@ def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
         "prepared: %d constants lifted, %d BatchNorm folded, opset upgraded: %s, %d shapes replaced",
         *(lifted, folded, upgraded, len(repaired)),
     )
+
+
+def _check_target_float_types(model: ir.Model, plan: Plan, target: str) -> None:
+    """The ORT target exists for ONNX Runtime's fused CPU integer kernels, which take float32 scales
+    only: with float16/bfloat16 activations ORT 1.32 even fuses into QLinearConcat with float16 scales
+    and then rejects its own graph. Refused up front rather than written slow or broken."""
+    if target != "ort":
+        return
+    values = passes.values_by_name(model.graph)
+    low = sorted(
+        t for t in plan.activation_tensors() if t in values and values[t].dtype in LOW_PRECISION_FLOATS
+    )
+    if low:
+        dtype = values[low[0]].dtype
+        raise OnnxqError(
+            f"--target ort quantizes {len(low)} {dtype.name.lower() if dtype else ''} tensors (e.g. {low[0]!r}), "
+            "but ONNX Runtime's CPU integer kernels take float32 scales only",
+            "convert the model to float32 for the ORT CPU target, or use --target tensorrt",
+        )
 
 
 def _placement(settings: QuantizeOptions) -> PlacementOptions:

@@ -147,7 +147,9 @@ def _configure_logging(verbose: int, debug: bool) -> None:
 def _report(line: str, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    _console(stderr=True).print(line, markup=False, highlight=False, soft_wrap=True)
+    # a tensor name may hold a line break; the error stays one line
+    one_line = line.replace("\r", "\\r").replace("\n", "\\n")
+    _console(stderr=True).print(one_line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _console(stderr: bool = False) -> Console:

@@ -21,15 +21,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def cnn(tmp_path: Path) -> tuple[Path, Path]:
-    model = tmp_path / "cnn.onnx"
-    onnx.save(model_builders.residual_cnn(), model)
-    data = tmp_path / "calib.npz"
-    np.savez(data, **model_builders.cnn_inputs(1, 24))
-    return model, data
-
-
 def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
 

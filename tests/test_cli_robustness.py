@@ -13,25 +13,13 @@ import model_builders
 import numpy as np
 import onnx
 import pytest
+from test_cli import run_cli
 
 import onnxq
 from onnxq import progress
 from onnxq.calibration.methods import registered_methods
 from onnxq.choices import CALIB_METHODS, DEFAULT_CALIB_MEMORY_MB
 from onnxq.cli import main
-
-
-@pytest.fixture
-def cnn(tmp_path: Path) -> tuple[Path, Path]:
-    model = tmp_path / "cnn.onnx"
-    onnx.save(model_builders.residual_cnn(), model)
-    data = tmp_path / "calib.npz"
-    np.savez(data, **model_builders.cnn_inputs(1, 8))
-    return model, data
-
-
-def run_cli(*args: str | Path) -> int:
-    return main([str(a) for a in args])
 
 
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:

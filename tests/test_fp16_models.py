@@ -28,7 +28,7 @@ CNN = """g ({t}[N, 16, 8, 8] x) => ({t}[N, 32] y) {{
     [mm] y = MatMul(f, m)
 }}"""
 
-CASES = [("int8", "tensorrt"), ("fp8", "tensorrt"), ("int8", "ort")]
+CASES = [("int8", "tensorrt"), ("fp8", "tensorrt")]
 #: how much worse than the float32 twin the float16 model may quantize: float16 rounding itself adds
 #: noise near -60 dB, far below the 8-bit grids' noise, so a few dB already means a real defect
 MARGIN_DB = 3.0
@@ -53,6 +53,18 @@ def scale_and_output_types(proto: onnx.ModelProto) -> set[tuple[str, int]]:
         for n in proto.graph.node
         if n.op_type in ("QuantizeLinear", "DequantizeLinear")
     }
+
+
+def test_float16_model_for_the_ort_target_is_refused_in_one_line(tmp_path: Path) -> None:
+    """ORT's CPU integer kernels take float32 scales only (ORT 1.32 even fuses float16 Q/DQ into a
+    QLinearConcat it then rejects): the ORT target refuses float16 activations before calibrating;
+    the float32 twin quantizes."""
+    fp16, fp32, data = twins(seed=106)
+    with pytest.raises(OnnxqError, match="float32 scales only") as refused:
+        onnxq.quantize(fp16, target="ort", calibration_data={"x": data}, output_path=tmp_path / "q.onnx")
+    assert "\n" not in str(refused.value) and not list(tmp_path.iterdir())
+    result = onnxq.quantize(fp32, target="ort", calibration_data={"x": data.astype(np.float32)})
+    assert result.insertion.activations >= 2
 
 
 @pytest.mark.parametrize(("mode", "target"), CASES, ids=[f"{m}-{t}" for m, t in CASES])

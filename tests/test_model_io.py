@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import convert_model_to_external_data
 
-from onnxq import model_io, output_check
+from onnxq import model_io, output_check, temporaries
 from onnxq.errors import OnnxqError
 
 SIZE = 512  # floats: 2 KB tensors, over the inline threshold
@@ -279,12 +279,12 @@ def temporary_with(folder: Path, name: str, marker: dict[str, Any] | None) -> Pa
     path.mkdir()
     (path / "q.onnx").write_bytes(b"partial")
     if marker is not None:
-        (path / model_io.OWNER_MARKER).write_text(json.dumps(marker))
+        (path / temporaries.OWNER_MARKER).write_text(json.dumps(marker))
     return path
 
 
 def test_only_temporaries_of_dead_onnxq_runs_are_removed(tmp_path: Path) -> None:
-    me = model_io._owner()
+    me = temporaries._owner()
     folders = {
         "dead": temporary_with(tmp_path, ".q.onnx.dead0000.tmp", {**me, "pid": dead_pid(), "start": None}),
         "pid reused": temporary_with(tmp_path, ".q.onnx.reuse000.tmp", {**me, "start": "1"}),
@@ -304,7 +304,7 @@ def test_only_temporaries_of_dead_onnxq_runs_are_removed(tmp_path: Path) -> None
     elsewhere.mkdir()
     target = temporary_with(elsewhere, ".q.onnx.targ0000.tmp", {**me, "pid": dead_pid()})
     (tmp_path / ".q.onnx.link0000.tmp").symlink_to(target)  # a symlink is never followed
-    removed = model_io.remove_stale_temporaries(tmp_path)
+    removed = temporaries.remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted([folders["dead"], folders["pid reused"], folders["other boot"]])
     survivors = {key for key, path in folders.items() if path.exists()}
     assert survivors == {"live", "no marker", "other host", "other pid namespace", "bad pid", "other name"}
@@ -312,7 +312,7 @@ def test_only_temporaries_of_dead_onnxq_runs_are_removed(tmp_path: Path) -> None
 
 
 def test_save_removes_stale_temporaries_and_leaves_none_of_its_own(tmp_path: Path) -> None:
-    stale = temporary_with(tmp_path, ".other.onnx.dead0000.tmp", {**model_io._owner(), "pid": dead_pid()})
+    stale = temporary_with(tmp_path, ".other.onnx.dead0000.tmp", {**temporaries._owner(), "pid": dead_pid()})
     model_io.save_model(graph_model("g (float[2] x) => (float[2] y) { y = Add(x, x) }"), tmp_path / "q.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
     assert not stale.exists()

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnxq import model_io
+from onnxq import model_io, temporaries
 from onnxq.cli import main
 
 
@@ -288,15 +288,15 @@ def test_a_killed_save_leaves_a_folder_the_next_run_removes(tmp_path: Path) -> N
             sys.executable,
             "-c",
             "import os, signal, pathlib\n"
-            "from onnxq.model_io import _make_temporary\n"
-            f"_make_temporary(pathlib.Path({str(tmp_path)!r}), 'q.onnx')\n"
+            "from onnxq.temporaries import make_temporary\n"
+            f"make_temporary(pathlib.Path({str(tmp_path)!r}), 'q.onnx')\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n",
         ],
         check=False,
     )
     assert killed.returncode == -9
     (left,) = tmp_path.glob(".q.onnx.*.tmp")
-    assert json.loads((left / model_io.OWNER_MARKER).read_text())["pid"] > 0
+    assert json.loads((left / temporaries.OWNER_MARKER).read_text())["pid"] > 0
     source = tmp_path / "cnn.onnx"
     onnx.save(model_builders.residual_cnn(), source)
     assert run_cli("quantize", source, "--calib", calib(tmp_path), "-o", tmp_path / "q.onnx") == 0

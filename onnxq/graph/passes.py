@@ -61,10 +61,41 @@ def lift_constant_nodes(model: ir.Model) -> int:
     ``onnx.version_converter`` often emit weights this way; a quantizer that only looks at
     initializers would treat them as activations (per-tensor). Returns how many were lifted.
     """
+    _check_constant_nodes(model)
     before = _count_constants(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     eliminate_identities(model)
     return before - _count_constants(model)
+
+
+#: a Constant node holds its value in exactly one of these attributes, each of one attribute type
+CONSTANT_ATTRIBUTES = {
+    "value": ir.AttributeType.TENSOR,
+    "sparse_value": ir.AttributeType.SPARSE_TENSOR,
+    "value_float": ir.AttributeType.FLOAT,
+    "value_floats": ir.AttributeType.FLOATS,
+    "value_int": ir.AttributeType.INT,
+    "value_ints": ir.AttributeType.INTS,
+    "value_string": ir.AttributeType.STRING,
+    "value_strings": ir.AttributeType.STRINGS,
+}
+
+
+def _check_constant_nodes(model: ir.Model) -> None:
+    """A malformed Constant (no value attribute, several, or one of the wrong type) is a corrupt
+    model: refused in one line naming the node, instead of failing deep inside a pass."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+            continue
+        held = [(name, attribute.type) for name, attribute in node.attributes.items()]
+        valid = [name for name, kind in held if CONSTANT_ATTRIBUTES.get(name) == kind]
+        if len(held) != 1 or len(valid) != 1:
+            found = ", ".join(f"{name} ({kind.name})" for name, kind in held) or "none"
+            raise OnnxqError(
+                f"Constant node {node.name!r} (output {node.outputs[0].name!r}) is malformed: it needs "
+                f"exactly one value attribute of the right type, found {found}",
+                "re-export the model; the file may be corrupt",
+            )
 
 
 def _count_constants(model: ir.Model) -> int:

@@ -1,7 +1,8 @@
 """Fuzz: random byte corruptions of a real model through ``onnxq quantize`` (the CLI's ``main``).
 
-The model is dnsmos_p808_v8 (224 KB, a real Keras export) from the real-model cache when fetched
-(tests/realworld/fetch.py), else a residual CNN built in code. Corruptions: flipped bytes (in the header
+The models are dnsmos_p808_v8 (224 KB, a Keras export) and silero_vad_half (1.3 MB: `If` branches,
+`Constant` weights) from the real-model cache when fetched (tests/realworld/fetch.py), else a residual
+CNN built in code. Corruptions: flipped bytes (in the header
 region or anywhere), truncation, inserted bytes, a zeroed range. Every case must exit 0 with a model
 that passes the full checker and loads in ONNX Runtime, or exit 2 with a closing ``onnxq: error:`` line
 and nothing at (or beside) the output path; never a traceback, a hang or a dead process.
@@ -22,20 +23,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 CASE_TIMEOUT_S = 60.0
-REAL_MODEL = "dnsmos_p808_v8"
+REAL_MODELS = ("dnsmos_p808_v8", "silero_vad_half")
 FUZZ = settings(
     derandomize=True,
     database=None,
     deadline=None,
-    max_examples=30,
+    max_examples=100,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
 
 
-def _real_model() -> bytes | None:
+def _real_model(name: str) -> bytes | None:
     override = os.environ.get("ONNXQ_REALMODELS")
     folder = Path(override).expanduser() if override else Path.home() / ".cache" / "onnxq-realmodels"
-    path = folder / f"{REAL_MODEL}.onnx"
+    path = folder / f"{name}.onnx"
     return path.read_bytes() if path.is_file() else None
 
 
@@ -48,13 +49,21 @@ def _built_model() -> bytes:
 class Original(bytes):
     """The model's bytes, shown by name and size when hypothesis reports a failing case."""
 
+    name = ""
+
     def __repr__(self) -> str:
-        return f"<{'real ' + REAL_MODEL if _real_model() == self else 'built residual CNN'}, {len(self)} bytes>"
+        return f"<{self.name}, {len(self)} bytes>"
 
 
-@pytest.fixture(scope="module")
-def original() -> bytes:
-    return Original(_real_model() or _built_model())
+@pytest.fixture(scope="module", params=REAL_MODELS)
+def original(request: pytest.FixtureRequest) -> bytes:
+    """A cached real model; the first falls back to a model built in code when the cache is empty."""
+    data = _real_model(request.param)
+    if data is None and request.param != REAL_MODELS[0]:
+        pytest.skip(f"{request.param} is not cached: run python tests/realworld/fetch.py")
+    model = Original(data or _built_model())
+    model.name = request.param if data else "built residual CNN"
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +160,43 @@ def test_op_type_that_is_not_utf8_is_refused_in_one_line(sandbox: Sandbox, tmp_p
     model, calib, output = tmp_path / "model.onnx", tmp_path / "calib.npz", tmp_path / "out" / "q.onnx"
     model.write_bytes(_bytes_with(b"Relu", b"Rel\xff"))
     np.savez(calib, x=np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32))
+    output.parent.mkdir()
+    verdict, detail = sandbox.call("cli_case", str(model), str(calib), str(output), "int8", "tensorrt")
+    assert verdict == "refused", f"{verdict}: {detail}"
+
+
+@pytest.mark.parametrize("attribute", ["vaxue", "value"])
+def test_malformed_constant_node_is_refused_in_one_line(sandbox: Sandbox, tmp_path: Path, attribute: str) -> None:
+    """Found by the corruption fuzz on silero_vad_half: a Constant whose attribute name or type a flipped
+    byte broke ('vaTue', or type UNDEFINED) ended in 'internal error' from onnx_ir's constant lifting."""
+    weight = onnx.numpy_helper.from_array(np.ones((32, 32), np.float32), "w")
+    constant = onnx.helper.make_node("Constant", [], ["w"], **{attribute: weight})
+    if attribute == "value":
+        constant.attribute[0].type = onnx.AttributeProto.UNDEFINED
+    graph = onnx.helper.make_graph(
+        [constant, onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])],
+    )
+    model, calib, output = tmp_path / "model.onnx", tmp_path / "calib.npz", tmp_path / "out" / "q.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), model)
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32))
+    output.parent.mkdir()
+    verdict, detail = sandbox.call("cli_case", str(model), str(calib), str(output), "int8", "tensorrt")
+    assert verdict == "refused", f"{verdict}: {detail}"
+
+
+def test_error_naming_a_tensor_with_a_newline_stays_one_line(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Found by the corruption fuzz: a flipped byte made a tensor name 'conv2d_7/k\\nrnel:0'; the error
+    that names it was printed over two lines (names must be escaped in the one-line message)."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "ker\nnel"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])],
+    )
+    model, calib, output = tmp_path / "model.onnx", tmp_path / "calib.npz", tmp_path / "out" / "q.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 12)], ir_version=7), model)
+    np.savez(calib, x=np.zeros((4, 32), np.float32))
     output.parent.mkdir()
     verdict, detail = sandbox.call("cli_case", str(model), str(calib), str(output), "int8", "tensorrt")
     assert verdict == "refused", f"{verdict}: {detail}"

@@ -22,7 +22,7 @@ FUZZ = settings(
     derandomize=True,
     database=None,
     deadline=None,
-    max_examples=40,
+    max_examples=150,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -54,3 +54,28 @@ def test_the_generator_only_makes_valid_models(data: st.DataObject) -> None:
     """build_model checks every model it returns (a generator bug must not pass as an onnxq finding)."""
     model, _ = random_graphs.build_model(data.draw)
     assert model.graph.node and model.graph.output
+
+
+def test_float16_concat_for_ort_is_refused_in_one_line(sandbox: Sandbox) -> None:
+    """Found by this fuzz: FP16 Add -> Concat -> Conv for the ORT target wrote float16 scales into a
+    QLinearConcat group that ONNX Runtime rejects (onnxq's output check then refused its own model,
+    asking to be reported). ORT's CPU integer kernels take float32 scales only: refused up front."""
+    import numpy as np
+    from onnx import numpy_helper, parser
+
+    model = parser.parse_model(
+        '<ir_version: 10, opset_import: ["" : 17]>\n'
+        "g (float16[1,16,4,4] x) => (float16[1,16,4,4] c) {\n"
+        "  a = Add(x, k)  y = Concat<axis=1>(a, a)  c = Conv<pads=[1,1,1,1]>(y, w)\n}"
+    )
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((16, 32, 3, 3)) * 0.1).astype(np.float16)
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(0.5, np.float16), "k")]
+    )
+    onnx.checker.check_model(model, full_check=True)
+    feeds = [{"x": rng.standard_normal((1, 16, 4, 4)).astype(np.float16)}]
+    verdict, detail = sandbox.call("quantize_case", model.SerializeToString(), feeds, "int8", "ort")
+    assert verdict == "refused" and "float32 scales only" in detail, f"{verdict}: {detail}"
+    verdict, detail = sandbox.call("quantize_case", model.SerializeToString(), feeds, "int8", "tensorrt")
+    assert verdict == "ok", f"{verdict}: {detail}"

@@ -48,18 +48,18 @@ def _pass_through(name: str) -> onnx.GraphProto:
     )
 
 
-def vad_like_model(seed: int = 60) -> onnx.ModelProto:
-    """Main Conv, then an If whose branches hold Conv weights as Constant nodes, and an If whose two
-    branches both return the same outer value through Identity (the silero VAD shapes of both)."""
-    rng = np.random.default_rng(seed)
+def _two_ifs(
+    name: str, rng: np.random.Generator, conditions: list[onnx.NodeProto], conv_if: str, pass_if: str
+) -> onnx.ModelProto:
+    """Main Conv, then an If (condition ``conv_if``) whose branches hold Conv weights as Constant
+    nodes, and an If (condition ``pass_if``) whose two branches both return the same outer value
+    through Identity (the silero VAD shapes of both)."""
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
-        helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0, name="mean"),
-        _constant("zero", np.array(0, np.float32)),
-        helper.make_node("Greater", ["mean", "zero"], ["positive"], name="is_positive"),
+        *conditions,
         helper.make_node(
             "If",
-            ["positive"],
+            [conv_if],
             ["y"],
             then_branch=_branch("then", rng),
             else_branch=_branch("else", rng),
@@ -67,7 +67,7 @@ def vad_like_model(seed: int = 60) -> onnx.ModelProto:
         ),
         helper.make_node(
             "If",
-            ["positive"],
+            [pass_if],
             ["z"],
             then_branch=_pass_through("then_pass"),
             else_branch=_pass_through("else_pass"),
@@ -76,7 +76,7 @@ def vad_like_model(seed: int = 60) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes,
-        "vad_like",
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
         [
             helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 8, 8]),
@@ -85,6 +85,16 @@ def vad_like_model(seed: int = 60) -> onnx.ModelProto:
         [numpy_helper.from_array(randn(rng, 32, 16, 3, 3), "w0")],
     )
     return finish(graph, 17)
+
+
+def vad_like_model(seed: int = 60) -> onnx.ModelProto:
+    """Both Ifs on a computed condition (the input's mean is positive)."""
+    conditions = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0, name="mean"),
+        _constant("zero", np.array(0, np.float32)),
+        helper.make_node("Greater", ["mean", "zero"], ["positive"], name="is_positive"),
+    ]
+    return _two_ifs("vad_like", np.random.default_rng(seed), conditions, "positive", "positive")
 
 
 def feeds(seed: int, samples: int, sign: float) -> dict[str, np.ndarray]:
@@ -264,39 +274,11 @@ def test_quantize_model_with_weights_in_a_loop_body() -> None:
 
 def constant_if_model(seed: int = 65) -> onnx.ModelProto:
     """The vad-like Ifs with constant conditions (true for the Conv If, false for the pass-through)."""
-    rng = np.random.default_rng(seed)
-    nodes = [
-        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+    conditions = [
         _constant("yes", np.array(True)),
         helper.make_node("Not", ["yes"], ["no"], name="not"),  # computed: stays an If
-        helper.make_node(
-            "If",
-            ["yes"],
-            ["y"],
-            then_branch=_branch("then", rng),
-            else_branch=_branch("else", rng),
-            name="if_conv",
-        ),
-        helper.make_node(
-            "If",
-            ["no"],
-            ["z"],
-            then_branch=_pass_through("then_pass"),
-            else_branch=_pass_through("else_pass"),
-            name="if_pass",
-        ),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "constant_ifs",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 8, 8]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 32, 8, 8]),
-        ],
-        [numpy_helper.from_array(randn(rng, 32, 16, 3, 3), "w0")],
-    )
-    return finish(graph, 17)
+    return _two_ifs("constant_ifs", np.random.default_rng(seed), conditions, "yes", "no")
 
 
 def test_inline_constant_ifs_takes_the_constant_branch() -> None:

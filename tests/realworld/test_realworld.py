@@ -101,6 +101,8 @@ def test_failures_are_judged_by_their_last_line(tmp_path: Path) -> None:
     assert sweep.judge_failure(2, "onnxq: error: already quantized. Fix: x.\n", output).startswith("clear error")
     assert sweep.judge_failure(2, "onnxq: internal error: TypeError\n", output).startswith("FAIL")
     assert sweep.judge_failure(1, "Killed\n", output).startswith("FAIL")
+    own_check = "onnxq: error: the quantized model failed the ONNX checker: x. Fix: rerun with --debug and report it.\n"
+    assert sweep.judge_failure(2, own_check, output).startswith("FAIL: onnxq refused its own output")
     output.write_bytes(b"partial")
     assert "left a file" in sweep.judge_failure(2, "onnxq: error: x\n", output)
 
