@@ -8,7 +8,9 @@ Choices, and what the runtimes do:
 - Symmetric INT4 uses codes -8..7 with ``scale = amax / 7`` (NVIDIA ModelOpt's INT4 for TensorRT,
   ``INT4_SCALE = 7``): amax lands on code 7, -amax on -7, and the scale stays positive. ONNX Runtime's
   ``MatMul4BitsQuantizer`` instead divides the block's signed extreme by -8 (full range, possibly a
-  negative scale); onnxq keeps TensorRT's grid for both targets so the two forms hold the same numbers.
+  negative scale); onnxq keeps TensorRT's grid for both targets by default so the two forms hold the
+  same numbers, and offers ORT's (``full_range``) for ONNX Runtime: one more level, about 1.3 dB more
+  SNR on Gaussian weights with blocks of 128 (measured 19.6 vs 18.2 dB at K=256).
 - ``MatMulNBits`` stores unsigned nibbles and, without a ``zero_points`` input, subtracts 2**(bits-1)
   = 8. An INT4 code c is therefore stored there as c + 8: the same dequantized value, bit for bit.
 - UINT4 uses codes 0..15, ``scale = (max - min) / 15`` over the block's range widened to contain 0 and
@@ -44,6 +46,16 @@ MIN_OPSET = 21
 def int4_scale(amax: np.ndarray | float) -> np.ndarray:
     """amax / 7: both signs share 7 codes, so amax lands on 7 (-8 stays unused, as TensorRT does)."""
     return positive_scale(np.asarray(amax, dtype=np.float32) / np.float32(INT4_MAX))
+
+
+def int4_full_range_scale(extreme: np.ndarray) -> np.ndarray:
+    """extreme / -8: the block's largest-magnitude value lands on code -8 and the other sign keeps 7
+    codes, one more level than amax / 7 (ONNX Runtime's MatMul4BitsQuantizer). The scale is negative
+    where the extreme is positive: fine for ONNX Runtime, not for TensorRT (positive scales only)."""
+    extreme = np.asarray(extreme, dtype=np.float32)
+    return np.where(extreme > 0, np.float32(-1), np.float32(1)) * positive_scale(
+        np.abs(extreme) / np.float32(8)
+    )
 
 
 def uint4_scale(low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -89,20 +101,28 @@ def check_block_size(block_size: object) -> int:
 
 
 def weight_params(
-    weight: np.ndarray, axis: int = 0, block_size: int = DEFAULT_BLOCK_SIZE, zero_point: bool = False
+    weight: np.ndarray,
+    axis: int = 0,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    zero_point: bool = False,
+    full_range: bool = False,
 ) -> BlockParams:
-    """Block parameters along ``axis`` (the reduction axis K): INT4 symmetric, or UINT4 + zero point.
+    """Block parameters along ``axis`` (the reduction axis K).
 
-    Raises ValueError for a bad block size or a weight holding NaN/inf (no finite scale covers it).
+    Cases: INT4 symmetric ``amax / 7`` (default); INT4 ``full_range`` (:func:`int4_full_range_scale`,
+    ONNX Runtime only: negative scales); UINT4 + zero point with ``zero_point``. Raises ValueError for
+    a bad block size or a weight holding NaN/inf (no finite scale covers it).
     """
     granularity = Granularity.block(axis, check_block_size(block_size))
     w = np.asarray(weight, dtype=np.float32)
     if not np.isfinite(w).all():
         raise ValueError("weight holds NaN or infinite values, so no finite scale covers it")
-    if not zero_point:
-        scale = int4_scale(block_reduce(w, granularity, "amax"))
-        return BlockParams(scale, np.zeros(scale.shape, INT4), granularity)
     low, high = block_reduce(w, granularity, "min"), block_reduce(w, granularity, "max")
+    if not zero_point:
+        # the value of largest magnitude, with its sign; a tie goes to the negative one (as ORT does)
+        extreme = np.where(np.abs(high) > np.abs(low), high, low)
+        scale = int4_full_range_scale(extreme) if full_range else int4_scale(np.abs(extreme))
+        return BlockParams(scale, np.zeros(scale.shape, INT4), granularity)
     scale = uint4_scale(low, high)
     return BlockParams(scale, uint4_zero_point(low, scale), granularity)
 
@@ -141,14 +161,15 @@ def to_unsigned(codes: np.ndarray, params: BlockParams) -> tuple[np.ndarray, np.
     return shifted.astype(UINT4), zero.astype(UINT4)
 
 
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+def pack_nibbles(codes: np.ndarray, fill: int = 0) -> np.ndarray:
     """uint8 array packing the last axis two codes per byte, element 2i in the low nibble (ONNX order).
 
-    An odd last axis gets a zero high nibble in its last byte, as ``numpy_helper.from_array`` does.
+    An odd last axis gets ``fill`` as the high nibble of its last byte: 0 as ``numpy_helper.from_array``
+    writes, 8 where ONNX Runtime's quantizer writes MatMulNBits zero points (never read either way).
     """
     nibbles = np.asarray(codes).astype(np.uint8) & 0x0F  # int4 -1 -> 0xF: two's complement nibble
     if nibbles.shape[-1] % 2:
-        nibbles = np.concatenate([nibbles, np.zeros((*nibbles.shape[:-1], 1), np.uint8)], axis=-1)
+        nibbles = np.concatenate([nibbles, np.full((*nibbles.shape[:-1], 1), fill, np.uint8)], axis=-1)
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
 
