@@ -4,7 +4,6 @@
 Usage:
     python tests/realworld/sweep.py [--models a,b] [--modes int8,fp8] [--targets tensorrt,ort]
                                     [--models-dir DIR] [--timeout S] [--out FILE]
-    python -m tests.realworld.sweep ...        (from the repository root)
 
 Per model (fetched by ``fetch.py``), per mode x target (every pair of ``onnxq.api.MODES`` x
 ``onnxq.placement.rules.TARGETS`` except those in ``UNSUPPORTED``):
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import re
@@ -41,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fetch import default_models_dir, load_manifest  # this folder: run as a script or by pytest
 
-HERE = Path(__file__).resolve().parent
-MANIFEST = HERE / "manifest.json"
 #: (mode, target) pairs onnxq accepts but that are not a deployment: ONNX Runtime CPU has no FP8 kernels
 UNSUPPORTED = frozenset({("fp8", "ort")})
 CALIB_FEEDS = 4
@@ -54,15 +51,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 STATE_NAMES = frozenset({"state", "h", "c", "h0", "c0", "hidden"})
 
 
-def default_models_dir() -> Path:
-    """``$ONNXQ_REALMODELS`` or ``~/.cache/onnxq-realmodels`` (the same rule as ``fetch.py``)."""
-    override = os.environ.get("ONNXQ_REALMODELS")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "onnxq-realmodels"
-
-
-def load_manifest(path: Path = MANIFEST) -> list[dict[str, Any]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return list(data["models"] if isinstance(data, dict) else data)
 
 
 def cached_models(models_dir: Path, entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
