@@ -33,6 +33,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.walk import all_nodes
 from onnxq.temporaries import make_temporary, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -120,18 +121,16 @@ def _load_path(path: Path) -> ir.Model:
 
 def _check_text_fields(model: ir.Model, path: Path) -> None:
     """Protobuf hands back bytes, not text, for a name that is not valid UTF-8 (a corrupt file)."""
-    graphs: list[ir.Graph | ir.Function] = [*model.graphs(), *model.functions.values()]
-    for graph in graphs:
-        for node in graph:
-            fields = {"op type": node.op_type, "domain": node.domain, "name": node.name}
-            fields.update({f"input {i}": v.name for i, v in enumerate(node.inputs) if v is not None})
-            fields.update({f"output {i}": v.name for i, v in enumerate(node.outputs)})
-            for field_name, text in fields.items():
-                if text is not None and not isinstance(text, str):
-                    raise OnnxqError(
-                        f"{path} is corrupt: a node's {field_name} is not UTF-8 text ({text!r})",
-                        "re-export the model or restore the file from its source",
-                    )
+    for node in all_nodes(model):
+        fields = {"op type": node.op_type, "domain": node.domain, "name": node.name}
+        fields.update({f"input {i}": v.name for i, v in enumerate(node.inputs) if v is not None})
+        fields.update({f"output {i}": v.name for i, v in enumerate(node.outputs)})
+        for field_name, text in fields.items():
+            if text is not None and not isinstance(text, str):
+                raise OnnxqError(
+                    f"{path} is corrupt: a node's {field_name} is not UTF-8 text ({text!r})",
+                    "re-export the model or restore the file from its source",
+                )
 
 
 # --- every tensor of a model --------------------------------------------------------------------

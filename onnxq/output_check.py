@@ -10,13 +10,14 @@ or FLOAT4E2M1 tensors (no CPU kernels).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx.checker
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.walk import all_nodes, all_values
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,10 @@ def _why_ort_cannot_run(model: ir.Model, custom_ops: Sequence[str]) -> str | Non
     """Why an ONNX Runtime CPU session cannot be made for ``model``; None when it can."""
     functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
     if not custom_ops:
-        for node in _all_nodes(model):
+        for node in all_nodes(model):
             if node.domain not in ORT_DOMAINS and (node.domain, node.op_type, node.overload) not in functions:
                 return f"node {node.name!r} is {node.domain}:{node.op_type}, a custom op"
-    for value in _all_values(model):
+    for value in all_values(model):
         if value.dtype in UNRUNNABLE_TYPES:
             return f"tensor {value.name!r} is {value.dtype.name}, which ONNX Runtime's CPU build cannot run"
     return None
@@ -97,18 +98,4 @@ def _why_ort_cannot_run(model: ir.Model, custom_ops: Sequence[str]) -> str | Non
 
 def has_float8(model: ir.Model) -> bool:
     """Any FP8 tensor, initializer or computed, in the graph, its subgraphs or its functions."""
-    return any(value.dtype in FLOAT8_TYPES for value in _all_values(model))
-
-
-def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    yield from ir.traversal.RecursiveGraphIterator(model.graph)
-    for function in model.functions.values():
-        yield from ir.traversal.RecursiveGraphIterator(function)
-
-
-def _all_values(model: ir.Model) -> Iterator[ir.Value]:
-    for graph in model.graphs():
-        yield from graph.inputs
-        yield from graph.initializers.values()
-    for node in _all_nodes(model):
-        yield from node.outputs
+    return any(value.dtype in FLOAT8_TYPES for value in all_values(model))

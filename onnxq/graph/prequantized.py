@@ -23,6 +23,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.walk import all_nodes
 from onnxq.placement.plan import Plan
 
 QUANTIZED_OPS = frozenset(
@@ -52,10 +53,7 @@ def is_quantized_op(node: ir.Node) -> bool:
 
 def quantized_nodes(model: ir.Model) -> list[ir.Node]:
     """Every quantized op of ``model``: main graph, subgraphs (recursively) and local functions."""
-    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.graph.subgraphs()]
-    for function in model.functions.values():
-        graphs += [function, *function.graph.subgraphs()]
-    return [node for graph in graphs for node in graph if is_quantized_op(node)]
+    return [node for node in all_nodes(model) if is_quantized_op(node)]
 
 
 def summary(nodes: list[ir.Node]) -> str:
