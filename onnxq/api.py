@@ -29,13 +29,16 @@ from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_
 from onnxq.calibration.methods import get_method
 from onnxq.calibration.overrides import known_ranges, load_overrides, value_names, warn_unmatched_overrides
 from onnxq.calibration.statistics import TensorStats
-from onnxq.choices import MODES
+from onnxq.choices import DEFAULT_ALGORITHM, DEFAULT_INT4_BLOCK_SIZE
 from onnxq.errors import OnnxqError
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.graph import passes, prequantized
+from onnxq.graph.block_emit import DEFAULT_ACCURACY_LEVEL, BlockEmission, emit_blocks
 from onnxq.graph.qdq import LOW_PRECISION_FLOATS, InsertionStats, insert_qdq, required_opset
 from onnxq.model_io import DEFAULT_IR_VERSION, check_output_path, load_model, referenced_files, save_model
+from onnxq.modes import ModeSpec, check_mode_options, mode_spec
+from onnxq.placement.block_plan import BlockOptions, apply_mode, refresh_reasons
 from onnxq.placement.plan import Plan
 from onnxq.placement.planner import PlacementOptions, plan_placement
 from onnxq.placement.rules import load_rule_set
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 #: per-channel DequantizeLinear needs opset 13; FLOAT8 Q/DQ needs 19, and so do float16/bfloat16 tensors
 #: (``qdq.required_opset``, applied in ``_prepare`` where the opset is upgraded before planning)
 MIN_OUTPUT_OPSET = 13
+MATMULNBITS_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 @dataclass
@@ -69,6 +73,16 @@ class QuantizeOptions:
     progress: bool = False
     #: keep the quantization a model already holds and quantize only what is still float
     keep_quantized: bool = False
+    #: INT4 weight algorithm (rtn, awq-lite, awq-clip, awq-full); None: the default for the data given
+    algo: str | None = None
+    #: INT4 block size along K (NVFP4 and MXFP8 have fixed blocks of 16 and 32)
+    block_size: int | None = None
+    #: INT4 modes: UINT4 with a zero point per block instead of symmetric INT4
+    zero_point: bool = False
+    #: block modes: quantize the output projection (lm_head / classifier head) too
+    quantize_lm_head: bool = False
+    #: ORT target, INT4: MatMulNBits ``accuracy_level`` (4: int8 activations inside the kernel, fast; 0: float)
+    int4_accuracy_level: int = DEFAULT_ACCURACY_LEVEL
 
 
 @dataclass
@@ -80,6 +94,9 @@ class QuantizeResult:
     output_path: Path | None = None
     insertion: InsertionStats = field(default_factory=InsertionStats)
     seconds: dict[str, float] = field(default_factory=dict)
+    blocks: BlockEmission = field(default_factory=BlockEmission)
+    #: the INT4 weight algorithm that ran ("" for other modes)
+    algorithm: str = ""
 
     @property
     def calibration(self) -> dict[str, TensorRange]:
@@ -100,40 +117,100 @@ def quantize(
     The input is never modified; with ``output_path`` the result is written there atomically.
     """
     settings = _options(mode, options)
+    spec = mode_spec(settings.mode)
     # option files are read (and refused) before any expensive step
     overrides = load_overrides(settings.calib_overrides) if settings.calib_overrides is not None else {}
     timer = _Timer()
     _check_output_path(model, output_path, calibration_data, settings)
+    algorithm = _algorithm(spec, settings.algo, calibration_data is not None)
     working = load_model(model)
     prequantized.refuse_unless_kept(working, prequantized.model_label(model), settings.keep_quantized)
-    _prepare(working, settings)
+    _prepare(working, settings, spec)
     timer.lap("prepare")
     rules = load_rule_set(settings.target, settings.patterns)
     plan = plan_placement(working, rules, _placement(settings))
     prequantized.keep_existing(working, plan)
+    apply_mode(working, plan, spec, _block_options(settings, algorithm))
+    _check_block_plan(plan, spec)
     _check_target_float_types(working, plan, settings.target)
     timer.lap("plan")
-    symmetric = rules.activation_symmetric or settings.mode != "int8"
-    activation_format, weight_format = formats_for(settings.mode, symmetric)
-    ranges = _calibrate(working, plan, calibration_data, activation_format, settings, overrides)
+    symmetric = rules.activation_symmetric or spec.base != "int8"
+    activation_format, weight_format = formats_for(spec.base or "int8", symmetric)
+    data = _open_data(working, plan, calibration_data, settings)
+    if data is not None and any(c.algorithm.startswith("awq") for c in plan.blocks):
+        from onnxq.algorithms.apply_awq import run_awq
+
+        run_awq(working, plan, data, _calibration_settings(settings))
+        refresh_reasons(plan)
+        timer.lap("awq")
+    ranges = _calibrate(working, plan, data, activation_format, settings, overrides)
     timer.lap("calibrate")
     params = activation_parameters(plan, ranges, activation_format, symmetric)
     insertion = insert_qdq(working, plan.tensors(), params, activation_format, weight_format)
-    _finish(working, settings, activation_format)
+    blocks = emit_blocks(working, plan.blocks, settings.target, ranges, settings.int4_accuracy_level)
+    refresh_reasons(plan)
+    _finish(working, settings, activation_format, spec)
     timer.lap("insert")
     if output_path is not None:
         save_model(working, output_path, custom_ops=settings.ort_custom_ops)
         timer.lap("save")
     path = Path(output_path) if output_path is not None else None
-    return QuantizeResult(working, plan, ranges, path, insertion, timer.laps)
+    result = QuantizeResult(working, plan, ranges, path, insertion, timer.laps, blocks)
+    result.algorithm = algorithm if spec.block_weight == "int4" else ""
+    return result
+
+
+def _algorithm(spec: ModeSpec, asked: str | None, has_data: bool) -> str:
+    """The INT4 weight algorithm: the one asked for, else AWQ with data and RTN without."""
+    if spec.block_weight != "int4":
+        return "rtn"
+    if asked is not None and asked != "rtn" and not has_data:
+        raise OnnxqError(
+            f"--algo {asked} searches on activations, but no calibration data was given",
+            "pass --calib DATA.npz, or use --algo rtn",
+        )
+    if asked is not None:
+        return asked
+    if not has_data:
+        logger.warning("no calibration data: INT4 weights use rtn (AWQ needs --calib)")
+        return "rtn"
+    return DEFAULT_ALGORITHM
+
+
+def _block_options(settings: QuantizeOptions, algorithm: str) -> BlockOptions:
+    return BlockOptions(
+        target=settings.target,
+        block_size=settings.block_size or DEFAULT_INT4_BLOCK_SIZE,
+        algorithm=algorithm,
+        zero_point=settings.zero_point,
+        quantize_lm_head=settings.quantize_lm_head,
+    )
+
+
+def _check_block_plan(plan: Plan, spec: ModeSpec) -> None:
+    """A block mode that finds no GEMM weight to quantize would write the model unchanged: refused."""
+    if spec.block_weight is None or plan.blocks:
+        return
+    gemms = [d for d in plan.decisions if d.op_type in ("MatMul", "Gemm")]
+    if not gemms:
+        raise OnnxqError(
+            f"--mode {spec.name} quantizes MatMul/Gemm weights, and the model has no MatMul or Gemm",
+            "use --mode int8 or fp8 for this model",
+        )
+    reasons = sorted({d.reason for d in gemms})
+    raise OnnxqError(
+        f"--mode {spec.name} found no MatMul/Gemm weight it can quantize among {len(gemms)} GEMMs "
+        f"(e.g. {gemms[0].node}: {reasons[0]})",
+        "see --explain for each GEMM; --quantize-lm-head quantizes an output projection; "
+        "use --mode int8 or fp8 otherwise",
+    )
 
 
 def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
     unknown = sorted(set(options) - set(QuantizeOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(unknown)}")
-    if mode not in MODES:
-        raise OnnxqError(f"unknown mode {mode!r}", f"use one of {', '.join(MODES)}")
+    mode_spec(mode)  # refuses an unknown mode
     settings = QuantizeOptions(mode=mode, **options)
     _check_options(settings)
     return settings
@@ -151,6 +228,15 @@ def _check_options(settings: QuantizeOptions) -> None:
     for library in settings.ort_custom_ops:
         option_checks.check_existing_file("--ort-custom-ops", library, "custom-op library")
     option_checks.check_parent_folder("--calib-cache", settings.calib_cache)
+    if settings.int4_accuracy_level not in MATMULNBITS_ACCURACY_LEVELS:
+        raise OnnxqError(
+            f"--int4-accuracy-level {settings.int4_accuracy_level!r} is not one of MatMulNBits' levels",
+            "pass 0 (float activations), 1, 2, 3 or 4 (int8 activations)",
+        )
+    check_mode_options(
+        mode_spec(settings.mode), settings.target, settings.algo, settings.block_size, settings.zero_point,
+        settings.opset,
+    )  # fmt: skip
 
 
 def _check_output_path(
@@ -166,7 +252,9 @@ def _check_output_path(
         "--calib-overrides": settings.calib_overrides,
         "--patterns": settings.patterns,
     }
-    written_paths = {option: Path(path) for option, path in written.items() if path is not None and _is_path(path)}
+    written_paths = {
+        option: Path(path) for option, path in written.items() if path is not None and _is_path(path)
+    }
     if settings.calib_cache is not None and Path(settings.calib_cache).exists():
         for protected in referenced_files(model):
             option_checks.check_not_same_file(
@@ -182,7 +270,7 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
-def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
+def _prepare(model: ir.Model, settings: QuantizeOptions, spec: ModeSpec) -> None:
     """Clean-up passes before planning: names, constants, BatchNorm, opset, shapes."""
     passes.inline_functions(model)  # ORT inlines them too; inlined, their nodes can be quantized
     ir.passes.common.NameFixPass()(model)
@@ -193,10 +281,10 @@ def _prepare(model: ir.Model, settings: QuantizeOptions) -> None:
     passes.inline_constant_ifs(model)  # after lifting: a Constant condition is then a known value
     folded = passes.fold_batch_norm(model)
     # float16/bfloat16 tensors take Q/DQ only from opset 19
-    target_opset = max(
-        settings.opset or 0, MIN_OUTPUT_OPSET, get_format(settings.mode).min_opset, required_opset(model)
-    )
+    target_opset = max(settings.opset or 0, MIN_OUTPUT_OPSET, spec.min_opset, required_opset(model))
     upgraded = passes.upgrade_opset(model, target_opset)
+    # INT4 needs IR 10, FLOAT4E2M1/FLOAT8E8M0 IR 11 (the final IR version is set in _finish)
+    model.ir_version = max(model.ir_version or 0, spec.min_ir_version)
     passes.clean_up(model)
     repaired = passes.repair_declared_shapes(model)  # notes for the plan, see passes.notes
     passes.infer_shapes(model)
@@ -232,32 +320,43 @@ def _placement(settings: QuantizeOptions) -> PlacementOptions:
     )
 
 
-def formats_for(mode: str, symmetric: bool) -> tuple[NumberFormat, NumberFormat]:
-    """(activation format, weight format): asymmetric INT8 activations (ONNX Runtime) are uint8."""
-    if mode != "int8":
-        return get_format(mode), get_format(mode)
+def formats_for(base: str, symmetric: bool) -> tuple[NumberFormat, NumberFormat]:
+    """(activation format, weight format) of the base Q/DQ: asymmetric INT8 activations (ONNX Runtime) are uint8."""
+    if base != "int8":
+        return get_format(base), get_format(base)
     return get_format("int8" if symmetric else "uint8"), get_format("int8")
+
+
+def _open_data(model: ir.Model, plan: Plan, source: Any, settings: QuantizeOptions) -> CalibrationData | None:
+    """The calibration data, opened once for AWQ and calibration; None when nothing needs it.
+
+    Activations to calibrate without data: refused (a cache is checked against the data's fingerprint,
+    so it needs the data too)."""
+    tensors = plan.activation_tensors() + plan.dynamic_activation_tensors()
+    awq = any(c.algorithm.startswith("awq") for c in plan.blocks)
+    if not tensors and not awq:
+        return None
+    if source is None:
+        raise OnnxqError(
+            f"{len(tensors)} activation tensors need calibration data",
+            "pass --calib DATA.npz (keys = input names, first axis = samples)",
+        )
+    return open_calibration_data(
+        source, input_specs(model), settings.calib_batch_size, settings.calib_max_samples
+    )
 
 
 def _calibrate(
     model: ir.Model,
     plan: Plan,
-    source: Any,
+    data: CalibrationData | None,
     fmt: NumberFormat,
     settings: QuantizeOptions,
     overrides: dict[str, tuple[float, float]],
 ) -> dict[str, TensorRange]:
-    tensors = plan.activation_tensors()
-    if not tensors:
+    tensors = list(dict.fromkeys(plan.activation_tensors() + plan.dynamic_activation_tensors()))
+    if not tensors or data is None:
         return {}
-    if source is None:  # a cache is checked against the data's fingerprint, so it needs the data too
-        raise OnnxqError(
-            f"{len(tensors)} activation tensors need calibration data",
-            "pass --calib DATA.npz (keys = input names, first axis = samples)",
-        )
-    data = open_calibration_data(
-        source, input_specs(model), settings.calib_batch_size, settings.calib_max_samples
-    )
     ranges = _cached_or_calibrated(model, tensors, data, fmt, settings)
     if settings.calib_cache is not None:
         cached = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if r.source == "cache"}
@@ -265,6 +364,12 @@ def _calibrate(
     _drop_nonfinite(plan, ranges)
     _apply_known_ranges(model, ranges, overrides)
     return ranges
+
+
+def _calibration_settings(settings: QuantizeOptions) -> CalibrationSettings:
+    return CalibrationSettings(
+        settings.providers, settings.ort_custom_ops, settings.calib_memory_mb, settings.progress
+    )
 
 
 def _cached_or_calibrated(
@@ -284,10 +389,7 @@ def _cached_or_calibrated(
             return {t: _range_from_cache(*cached[t]) for t in tensors}
         logger.warning("calibration cache lacks %d tensors; calibrating again", len(missing))
     metric_format = get_format("int8") if fmt.name == "uint8" else fmt
-    calibration = CalibrationSettings(
-        settings.providers, settings.ort_custom_ops, settings.calib_memory_mb, settings.progress
-    )
-    ranges = calibrate(model, tensors, data, method, metric_format, calibration)
+    ranges = calibrate(model, tensors, data, method, metric_format, _calibration_settings(settings))
     if settings.calib_cache is not None:
         chosen = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if not r.nonfinite}
         save_cache(settings.calib_cache, chosen, **identity, observed=_observed(ranges))
@@ -381,9 +483,11 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def _finish(model: ir.Model, settings: QuantizeOptions, fmt: NumberFormat) -> None:
-    model.ir_version = settings.ir_version
-    model.opset_imports[""] = max(model.opset_imports.get("", 0), fmt.min_opset, MIN_OUTPUT_OPSET)
+def _finish(model: ir.Model, settings: QuantizeOptions, fmt: NumberFormat, spec: ModeSpec) -> None:
+    # INT4 needs IR 10 and FLOAT4E2M1/FLOAT8E8M0 IR 11: the mode's need wins over a lower --ir-version
+    model.ir_version = max(settings.ir_version, spec.min_ir_version)
+    minimum = max(fmt.min_opset, MIN_OUTPUT_OPSET, spec.min_opset)
+    model.opset_imports[""] = max(model.opset_imports.get("", 0), minimum)
     model.producer_name = "onnxq"
     passes.clean_up(model)
 

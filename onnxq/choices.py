@@ -7,8 +7,14 @@ or are checked against them by the tests (calibration methods, memory default).
 
 from __future__ import annotations
 
-#: quantization modes (number format of weights and activations)
-MODES = ("int8", "fp8")
+#: quantization modes (number formats of weights and activations; see onnxq.modes for each one)
+MODES = ("int8", "fp8", "int4", "nvfp4", "nvfp4-w4a16", "w4a8", "int4-w4a8", "mxfp8")
+#: weight algorithms for the INT4 modes (AWQ needs calibration data; rtn does not)
+ALGORITHMS = ("rtn", "awq-lite", "awq-clip", "awq-full")
+#: the default INT4 weight algorithm when calibration data is given (see README, "Block formats")
+DEFAULT_ALGORITHM = "awq-full"
+#: INT4 block size along the reduction axis
+DEFAULT_INT4_BLOCK_SIZE = 128
 #: deployment targets, one placement rule set each in patterns/
 TARGETS = ("tensorrt", "ort")
 #: built-in calibration methods (onnxq.calibration.methods registers these names)

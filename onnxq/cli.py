@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxq import __version__
-from onnxq.choices import CALIB_METHODS, DEFAULT_CALIB_MEMORY_MB, DEFAULT_CALIB_METHOD, MODES, TARGETS
+from onnxq.choices import (
+    ALGORITHMS,
+    CALIB_METHODS,
+    DEFAULT_ALGORITHM,
+    DEFAULT_CALIB_MEMORY_MB,
+    DEFAULT_CALIB_METHOD,
+    DEFAULT_INT4_BLOCK_SIZE,
+    MODES,
+    TARGETS,
+)
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
@@ -51,16 +60,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_quantize(commands.add_parser("quantize", help="quantize a model to INT8 or FP8", parents=[common]))
+    _add_quantize(
+        commands.add_parser(
+            "quantize", help="quantize a model (INT8, FP8, INT4, NVFP4, MXFP8 and mixes)", parents=[common]
+        )
+    )
     _add_compare(
         commands.add_parser("compare", help="compare a quantized model with its original", parents=[common])
+    )
+    _add_emulate(
+        commands.add_parser(
+            "emulate",
+            help="rewrite an NVFP4/MXFP8 model into standard ops that ONNX Runtime CPU runs",
+            parents=[common],
+        )
     )
     return parser
 
 
 def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="input .onnx model (never modified)")
-    parser.add_argument("--mode", choices=MODES, default="int8")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="int8",
+        help="number formats: int8, fp8; int4 (weight-only, per block); nvfp4 (FP4 weights and activations); "
+        "nvfp4-w4a16 (FP4 weights only); w4a8 (FP4 weights, FP8 activations); int4-w4a8 (INT4 weights, "
+        "FP8 activations); mxfp8 (FP8 per 32 values with power-of-two scales)",
+    )
+    parser.add_argument(
+        "--algo",
+        choices=ALGORITHMS,
+        help=f"INT4 weight algorithm (default {DEFAULT_ALGORITHM} with --calib, rtn without)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, help=f"INT4 block size along K (default {DEFAULT_INT4_BLOCK_SIZE})"
+    )
+    parser.add_argument(
+        "--zero-point", action="store_true", help="INT4 modes: UINT4 with a zero point per block"
+    )
+    parser.add_argument(
+        "--int4-accuracy-level",
+        type=int,
+        default=4,
+        choices=(0, 1, 2, 3, 4),
+        help="--target ort INT4: MatMulNBits accuracy level (4: int8 activations, fast; 0: float, exact)",
+    )
+    parser.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="block modes: quantize the output projection (lm_head, classifier head) too",
+    )
     parser.add_argument("--calib", help=".npz file (keys = input names, first axis = samples) or a directory")
     parser.add_argument(
         "--target", choices=TARGETS, default="tensorrt", help="deployment runtime (placement rules)"
@@ -115,12 +165,18 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_emulate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="quantized .onnx model with FP4/MXFP8 parts (never modified)")
+    parser.add_argument("-o", "--output", help="output path (default: <input stem>.emulated.onnx beside it)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     _configure_logging(getattr(args, "verbose", 0), debug)
     try:
-        return _run_quantize(args) if args.command == "quantize" else _run_compare(args)
+        commands = {"quantize": _run_quantize, "compare": _run_compare, "emulate": _run_emulate}
+        return commands[args.command](args)
     except OnnxqError as error:
         _report(f"onnxq: error: {error}", debug)
     except KeyboardInterrupt:
@@ -195,6 +251,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
         exclude_nodes=args.exclude_nodes,
         quantize_bmm=not args.no_quantize_bmm,
         keep_quantized=args.keep_quantized,
+        algo=args.algo,
+        block_size=args.block_size,
+        zero_point=args.zero_point,
+        quantize_lm_head=args.quantize_lm_head,
+        int4_accuracy_level=args.int4_accuracy_level,
         progress=sys.stderr.isatty(),
     )
     if args.explain:
@@ -270,6 +331,19 @@ def explain_document(result: QuantizeResult) -> dict[str, Any]:
         "shared_scale_groups": dict(sorted(plan.groups.items())),
         "nonfinite": dict(sorted(plan.nonfinite.items())),
         "notes": list(getattr(plan, "notes", [])),
+        "block_weights": [
+            {
+                "node": c.node,
+                "weight": c.weight,
+                "weight_format": c.weight_format,
+                "block_size": c.block_size,
+                "algorithm": c.algorithm,
+                "activation": c.activation,
+                "activation_format": c.activation_format,
+                "details": list(c.details),
+            }
+            for c in plan.blocks
+        ],
         "ranges": {
             tensor: {
                 "observed": [found.stats.low, found.stats.high] if found.stats.has_data else None,
@@ -312,11 +386,17 @@ def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: fl
     table.add_row(
         "Q/DQ tensors", f"{result.insertion.activations} activations, {result.insertion.weights} weights"
     )
-    insertion = result.insertion
-    table.add_row(
-        "weights quantized",
-        f"{_megabytes(insertion.weight_bytes_before)} -> {_megabytes(insertion.weight_bytes_after)}",
-    )
+    blocks = result.blocks
+    if blocks.weights:
+        formats = sorted({c.weight_format for c in result.plan.blocks})
+        algorithm = f" ({result.algorithm})" if result.algorithm else ""
+        table.add_row(
+            "block weights",
+            f"{blocks.weights} {'/'.join(formats)}{algorithm}, {blocks.dynamic_activations} dynamic activations",
+        )
+    before = result.insertion.weight_bytes_before + blocks.weight_bytes_before
+    after = result.insertion.weight_bytes_after + blocks.weight_bytes_after
+    table.add_row("weights quantized", f"{_megabytes(before)} -> {_megabytes(after)}")
     table.add_row(
         "file size", f"{_megabytes(model_file_size(model))} -> {_megabytes(model_file_size(output))}"
     )
@@ -349,6 +429,23 @@ def _run_compare(args: argparse.Namespace) -> int:
             markup=False,
         )
         return EXIT_CHECK_FAILED
+    return 0
+
+
+def _run_emulate(args: argparse.Namespace) -> int:
+    from onnxq.emulate import emulate_file
+
+    source = Path(args.model)
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.emulated.onnx")
+    started = time.perf_counter()
+    stats = emulate_file(source, output)
+    what = (
+        f"{stats.folded_weights} weights folded, {stats.nvfp4_activations} NVFP4 and "
+        f"{stats.mxfp8_quantizers} MXFP8 activation quantizers rewritten"
+    )
+    _console().print(
+        f"onnxq emulate -> {output}: {what} ({time.perf_counter() - started:.2f} s)", markup=False
+    )
     return 0
 
 

@@ -102,6 +102,7 @@ def compare(
     ``ort_fusions`` runs it with ONNX Runtime's fused CPU integer kernels, as an ORT deployment would.
     """
     reference_model, quantized_model = load_model(reference), load_model(quantized)
+    emulated = _emulate_if_needed(quantized_model)
     names = [v.name or "" for v in reference_model.graph.outputs]
     quantized_names = [v.name or "" for v in quantized_model.graph.outputs]
     if names != quantized_names:
@@ -122,7 +123,27 @@ def compare(
             result.outputs[name].add(np.asarray(ref), np.asarray(quant))
         result.samples += feeds.samples_in(feed)  # 1 per feed where feeds run as they are
     result.warnings = _warnings(result, quantized_model)
+    if emulated:
+        result.warnings.append(
+            f"the quantized model holds {emulated}; ONNX Runtime's CPU build cannot run it, so it ran emulated "
+            "with standard ops (onnxq emulate), equal to ONNX's reference implementation"
+        )
     return result
+
+
+def _emulate_if_needed(model: ir.Model) -> str:
+    """Rewrite FP4/MXFP8 parts into standard ops in place; what was emulated, or "" when nothing."""
+    from onnxq.emulate import emulate, needs_emulation
+
+    if not needs_emulation(model):
+        return ""
+    stats = emulate(model)
+    parts = {
+        "FP4/MXFP8 weights": stats.folded_weights,
+        "NVFP4 activations": stats.nvfp4_activations,
+        "MXFP8 activations": stats.mxfp8_quantizers,
+    }
+    return ", ".join(f"{count} {what}" for what, count in parts.items() if count)
 
 
 def _check_same_inputs(reference: list[InputSpec], quantized: list[InputSpec]) -> None:

@@ -2,9 +2,11 @@
 
 Two checks on the written files, by path (so models over 2 GB are checked without ever serializing a
 proto over 2 GB): ``onnx.checker`` with full shape checking, then an ONNX Runtime CPU session, which
-reads the external data from the output's own folder. The session is skipped, with a debug line,
-where ONNX Runtime cannot run the model at all: ops of custom domains without a custom-op library,
-or FLOAT4E2M1 tensors (no CPU kernels).
+reads the external data from the output's own folder. A model with NVFP4/MXFP8 parts (FLOAT4E2M1 or
+FLOAT8E8M0 tensors, TensorRT's ``trt`` dynamic-quantize ops), which no ONNX Runtime CPU kernel runs, is
+loaded in its emulated form (``onnxq.emulate``: the same numbers in standard ops). The session is
+skipped, with a debug line, where ONNX Runtime cannot run the model at all: ops of other custom
+domains without a custom-op library.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ FLOAT8_TYPES = frozenset(
 #: no ONNX Runtime CPU kernel computes on these
 UNRUNNABLE_TYPES = frozenset({ir.DataType.FLOAT4E2M1})
 _FIX = "rerun with --debug and report it"
+#: above this size the emulated load check (float32 weights, 8x the FP4 bytes) is skipped
+EMULATED_CHECK_LIMIT_BYTES = 256 * 1024 * 1024
 
 
 def check_output(path: Path, model: ir.Model, custom_ops: Sequence[str] = ()) -> None:
@@ -44,11 +48,46 @@ def check_output(path: Path, model: ir.Model, custom_ops: Sequence[str] = ()) ->
         raise OnnxqError(
             f"the quantized model failed the ONNX checker: {_first_line(error)}", _FIX
         ) from error
+    from onnxq.emulate import needs_emulation
+
+    if needs_emulation(model):
+        _load_emulated(path, model, custom_ops)
+        return
     reason = _why_ort_cannot_run(model, custom_ops)
     if reason:
         logger.debug("ONNX Runtime load of the output skipped: %s", reason)
         return
     _load_in_ort(path, model, custom_ops)
+
+
+def _load_emulated(path: Path, model: ir.Model, custom_ops: Sequence[str]) -> None:
+    """Emulate a copy (external weights stay on disk) and load it from a temporary file beside ``path``."""
+    import tempfile
+
+    from onnxq.emulate import emulate
+    from onnxq.model_io import clone_model, model_file_size
+
+    size = model_file_size(path)
+    if size > EMULATED_CHECK_LIMIT_BYTES:
+        # emulation turns FP4 weights into float32 ones (8x): a big model is checked by the checker only
+        logger.info(
+            "ONNX Runtime load of the emulated output skipped: %.0f MB of FP4/MXFP8 model", size / 1e6
+        )
+        return
+    copy = clone_model(model)
+    try:
+        emulate(copy)
+    except OnnxqError as error:  # e.g. FP4 Q/DQ of activations kept from the input (--keep-quantized)
+        logger.debug("ONNX Runtime load of the output skipped: no emulation for it (%s)", error.problem)
+        return
+    reason = _why_ort_cannot_run(copy, custom_ops)
+    if reason:
+        logger.debug("ONNX Runtime load of the emulated output skipped: %s", reason)
+        return
+    with tempfile.TemporaryDirectory(prefix=".onnxq-check-", dir=path.parent) as folder:
+        emulated = Path(folder) / path.name
+        ir.save(copy, emulated, external_data=f"{path.name}.data")
+        _load_in_ort(emulated, copy, custom_ops)
 
 
 def _load_in_ort(path: Path, model: ir.Model, custom_ops: Sequence[str]) -> None:

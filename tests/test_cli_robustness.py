@@ -47,15 +47,15 @@ def test_help_imports_nothing_heavy() -> None:
 
 
 def test_light_choices_match_the_implementations() -> None:
-    from onnxq.api import MODES
     from onnxq.calibration.calibrator import DEFAULT_MEMORY_LIMIT_MB
     from onnxq.choices import MODES as CLI_MODES
     from onnxq.choices import TARGETS
+    from onnxq.modes import MODE_SPECS
     from onnxq.placement.rules import TARGETS as RULE_TARGETS
 
     assert set(CALIB_METHODS) <= set(registered_methods())
     assert DEFAULT_MEMORY_LIMIT_MB == DEFAULT_CALIB_MEMORY_MB
-    assert CLI_MODES == MODES and TARGETS == RULE_TARGETS
+    assert tuple(MODE_SPECS) == CLI_MODES and TARGETS == RULE_TARGETS
 
 
 BAD_OPTIONS = {

@@ -106,18 +106,25 @@ def weight_params(
     block_size: int = DEFAULT_BLOCK_SIZE,
     zero_point: bool = False,
     full_range: bool = False,
+    clip_ratio: np.ndarray | None = None,
 ) -> BlockParams:
     """Block parameters along ``axis`` (the reduction axis K).
 
     Cases: INT4 symmetric ``amax / 7`` (default); INT4 ``full_range`` (:func:`int4_full_range_scale`,
-    ONNX Runtime only: negative scales); UINT4 + zero point with ``zero_point``. Raises ValueError for
-    a bad block size or a weight holding NaN/inf (no finite scale covers it).
+    ONNX Runtime only: negative scales); UINT4 + zero point with ``zero_point``. ``clip_ratio``
+    (scale-shaped, each in (0, 1]) multiplies every block's range (its extreme, or for UINT4 its min
+    and max) before the scale is computed, so values beyond the clipped range saturate (AWQ's clip
+    search); None leaves the range as observed. Raises ValueError for a bad block size, a weight
+    holding NaN/inf (no finite scale covers it) or a clip ratio of the wrong shape or outside (0, 1].
     """
     granularity = Granularity.block(axis, check_block_size(block_size))
     w = np.asarray(weight, dtype=np.float32)
     if not np.isfinite(w).all():
         raise ValueError("weight holds NaN or infinite values, so no finite scale covers it")
     low, high = block_reduce(w, granularity, "min"), block_reduce(w, granularity, "max")
+    if clip_ratio is not None:
+        ratio = checked_clip_ratio(clip_ratio, low.shape)
+        low, high = low * ratio, high * ratio
     if not zero_point:
         # the value of largest magnitude, with its sign; a tie goes to the negative one (as ORT does)
         extreme = np.where(np.abs(high) > np.abs(low), high, low)
@@ -125,6 +132,16 @@ def weight_params(
         return BlockParams(scale, np.zeros(scale.shape, INT4), granularity)
     scale = uint4_scale(low, high)
     return BlockParams(scale, uint4_zero_point(low, scale), granularity)
+
+
+def checked_clip_ratio(clip_ratio: np.ndarray, scale_shape: tuple[int, ...]) -> np.ndarray:
+    """``clip_ratio`` as float32, or ValueError unless it has ``scale_shape`` and lies in (0, 1]."""
+    ratio = np.asarray(clip_ratio, dtype=np.float32)
+    if ratio.shape != scale_shape:
+        raise ValueError(f"clip ratio of shape {ratio.shape} does not fit block scales {scale_shape}")
+    if not ((ratio > 0) & (ratio <= 1)).all():  # NaN fails both comparisons
+        raise ValueError("clip ratios must lie in (0, 1]")
+    return ratio
 
 
 def quantize(x: np.ndarray, params: BlockParams) -> np.ndarray:

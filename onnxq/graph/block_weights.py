@@ -111,11 +111,17 @@ def matmul_nbits_block_problem(block_size: int) -> str | None:
 
 
 def block_quantize(
-    matrix: WeightMatrix, block_size: int, zero_point: bool, full_range: bool = False
+    matrix: WeightMatrix,
+    block_size: int,
+    zero_point: bool,
+    full_range: bool = False,
+    clip_ratio: np.ndarray | None = None,
 ) -> tuple[int4.BlockParams, np.ndarray]:
     """(parameters, codes) of the weight, blocks along K, scale rounded to the weight's float type first
-    so that the codes are computed with the scale the graph stores (float16 weights: float16 scales)."""
-    params = int4.weight_params(matrix.array, matrix.k_axis, block_size, zero_point, full_range)
+    so that the codes are computed with the scale the graph stores (float16 weights: float16 scales).
+    ``clip_ratio`` (scale shape, in (0, 1]) narrows each block's range, as AWQ's clip search chose."""
+    extra = {"clip_ratio": clip_ratio} if clip_ratio is not None else {}
+    params = int4.weight_params(matrix.array, matrix.k_axis, block_size, zero_point, full_range, **extra)
     params = replace(params, scale=stored_scale(params.scale, matrix.array.dtype).astype(np.float32))
     return params, int4.quantize(matrix.array, params)
 
@@ -133,6 +139,7 @@ def emit_dequantize_linear(
     block_size: int = int4.DEFAULT_BLOCK_SIZE,
     zero_point: bool = False,
     full_range: bool = False,
+    clip_ratio: np.ndarray | None = None,
 ) -> BlockWeightRecord:
     """Feed ``node`` an INT4 (UINT4 + zero point with ``zero_point``) weight through a blocked DQ.
 
@@ -142,7 +149,7 @@ def emit_dequantize_linear(
     """
     _require_block_qdq(model)
     matrix = weight_matrix(node)
-    params, codes = block_quantize(matrix, block_size, zero_point, full_range)
+    params, codes = block_quantize(matrix, block_size, zero_point, full_range, clip_ratio)
     graph = _graph(node)
     forget_names(graph)
     base = matrix.value.name or "weight"
@@ -170,6 +177,7 @@ def emit_matmul_nbits(
     zero_point: bool = False,
     accuracy_level: int = ACCURACY_LEVEL_FLOAT,
     full_range: bool = False,
+    clip_ratio: np.ndarray | None = None,
 ) -> BlockWeightRecord:
     """Replace ``node`` by ``com.microsoft.MatMulNBits`` holding the same INT4/UINT4 numbers.
 
@@ -191,7 +199,7 @@ def emit_matmul_nbits(
         raise ValueError(f"{node.name}: {problem}")
     matrix = weight_matrix(node)
     alpha, bias = _gemm_terms(node, matrix.n)
-    params, codes = block_quantize(matrix, block_size, zero_point, full_range)
+    params, codes = block_quantize(matrix, block_size, zero_point, full_range, clip_ratio)
     graph = _graph(node)
     forget_names(graph)
     base = matrix.value.name or "weight"

@@ -22,7 +22,7 @@ products as DequantizeLinear), since ONNX Runtime's CPU build has no FLOAT4E2M1 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,12 +68,13 @@ def matmul_weights(graph: ir.Graph) -> list[ir.Value]:
     return list(seen.values())
 
 
-def weight_problem(value: ir.Value, fmt: BlockFormat) -> str | None:
+def weight_problem(value: ir.Value, fmt: BlockFormat, k_axis: int = WEIGHT_AXIS) -> str | None:
     """Why ``value`` cannot take the ``fmt`` weight form (one line), or None when it can.
 
-    Cases: not float32/float16/bfloat16; not 2-D [K, N]; K not a multiple of the block size (TensorRT
-    needs whole blocks); a graph output (it must stay float); a graph input with a default value (old
-    exporters list initializers as inputs: the user may feed another weight at run time).
+    Cases: not float32/float16/bfloat16; not 2-D ([K, N], or [N, K] with ``k_axis`` 1 for a Gemm with
+    transB=1); K not a multiple of the block size (TensorRT needs whole blocks); a graph output (it must
+    stay float); a graph input with a default value (old exporters list initializers as inputs: the user
+    may feed another weight at run time).
     """
     shape = value.const_value.shape if value.const_value is not None else value.shape
     block = BLOCK_SIZE[fmt]
@@ -82,8 +83,8 @@ def weight_problem(value: ir.Value, fmt: BlockFormat) -> str | None:
     dims = [d if isinstance(d, int) else None for d in shape] if shape is not None else []
     if len(dims) != 2 or None in dims:
         return f"{fmt} weights must be 2-D [K, N] MatMul weights, {value.name} has shape {shape}"
-    if int(dims[WEIGHT_AXIS] or 0) % block:
-        return f"K = {dims[WEIGHT_AXIS]} of {value.name} is not a multiple of the {fmt} block size {block}"
+    if int(dims[k_axis] or 0) % block:
+        return f"K = {dims[k_axis]} of {value.name} is not a multiple of the {fmt} block size {block}"
     if value.is_graph_output():
         return f"{value.name} is a graph output"
     if value.is_graph_input():
@@ -115,20 +116,23 @@ def quantize_matmul_weights(
             continue
         assert value.const_value is not None
         stats.weight_bytes_before += value.const_value.nbytes
-        stored = _quantized_inputs(insert(model.graph, value))
+        stored = quantized_inputs(insert(model.graph, value))
         stats.weight_bytes_after += sum(v.const_value.nbytes for v in stored if v.const_value is not None)
         stats.weights += 1
     return stats
 
 
-def insert_nvfp4_weight(graph: ir.Graph, value: ir.Value) -> ir.Value:
-    """Replace every use of the constant MatMul weight ``value`` by its NVFP4 two-DQ chain; return W'.
+def insert_nvfp4_weight(
+    graph: ir.Graph, value: ir.Value, consumers: Sequence[ir.Node] | None = None, k_axis: int = WEIGHT_AXIS
+) -> ir.Value:
+    """Feed ``consumers`` (default: every reader) of the constant GEMM weight ``value`` its NVFP4 two-DQ
+    chain instead, blocks along ``k_axis``; return W'. Other readers keep the float weight.
 
     Raises OnnxqError when :func:`weight_problem` has a reason, ValueError for NaN/inf weights.
     """
-    _require_weight(value, "nvfp4")
+    _require_weight(value, "nvfp4", k_axis)
     assert value.const_value is not None
-    q = quantize_nvfp4(value.const_value.numpy().astype(np.float32), WEIGHT_AXIS)
+    q = quantize_nvfp4(value.const_value.numpy().astype(np.float32), k_axis)
     forget_names(graph)
     base = value.name or "weight"
     values = _initializer(graph, f"{base}_fp4", q.values)
@@ -137,36 +141,41 @@ def insert_nvfp4_weight(graph: ir.Graph, value: ir.Value) -> ir.Value:
     scale_dq = _node(graph, f"{base}_scale_DequantizeLinear", [block_scales, global_scale], {})
     scale_dq.outputs[0].name = unique_name(graph, f"{base}_scale")
     _typed(scale_dq.outputs[0], ir.DataType.FLOAT, q.block_scales.shape)
-    attributes = Granularity.block(WEIGHT_AXIS, q.block_size).qdq_attributes(2)
+    attributes = Granularity.block(k_axis, q.block_size).qdq_attributes(2)
     weight_dq = _node(graph, f"{base}_DequantizeLinear", [values, scale_dq.outputs[0]], attributes)
-    return _rewire(graph, value, [scale_dq, weight_dq])
+    return _rewire(graph, value, [scale_dq, weight_dq], consumers)
 
 
-def insert_mxfp8_weight(graph: ir.Graph, value: ir.Value) -> ir.Value:
-    """Replace every use of the constant MatMul weight ``value`` by its MXFP8 DQ; return W'."""
-    _require_weight(value, "mxfp8")
+def insert_mxfp8_weight(
+    graph: ir.Graph, value: ir.Value, consumers: Sequence[ir.Node] | None = None, k_axis: int = WEIGHT_AXIS
+) -> ir.Value:
+    """Feed ``consumers`` (default: every reader) of the constant GEMM weight ``value`` its MXFP8 DQ; return W'."""
+    _require_weight(value, "mxfp8", k_axis)
     assert value.const_value is not None
-    q = quantize_mxfp8(value.const_value.numpy().astype(np.float32), WEIGHT_AXIS)
+    q = quantize_mxfp8(value.const_value.numpy().astype(np.float32), k_axis)
     forget_names(graph)
     base = value.name or "weight"
     values = _initializer(graph, f"{base}_fp8", q.values)
     scales = _initializer(graph, f"{base}_scale", q.scales)
-    attributes = Granularity.block(WEIGHT_AXIS, q.block_size).qdq_attributes(2)
+    attributes = Granularity.block(k_axis, q.block_size).qdq_attributes(2)
     # without output_dtype the output would take the scale's type, E8M0, which the checker rejects
     attributes["output_dtype"] = ir.DataType.FLOAT.value
     weight_dq = _node(graph, f"{base}_DequantizeLinear", [values, scales], attributes)
-    return _rewire(graph, value, [weight_dq])
+    return _rewire(graph, value, [weight_dq], consumers)
 
 
-def _require_weight(value: ir.Value, fmt: BlockFormat) -> None:
-    problem = weight_problem(value, fmt)
+def _require_weight(value: ir.Value, fmt: BlockFormat, k_axis: int = WEIGHT_AXIS) -> None:
+    problem = weight_problem(value, fmt, k_axis)
     if problem:
         raise OnnxqError(problem, "keep this MatMul in higher precision (leave it out of the plan)")
 
 
-def _rewire(graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node]) -> ir.Value:
-    """Put ``nodes`` (+ a Cast back for half-precision weights) before the weight's first consumer,
-    route every use of ``weight`` to the result, and drop the float initializer."""
+def _rewire(
+    graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node], consumers: Sequence[ir.Node] | None = None
+) -> ir.Value:
+    """Put ``nodes`` (+ a Cast back for half-precision weights) before the first of ``consumers``
+    (default: every reader of ``weight``), route their uses of ``weight`` to the result, and drop the
+    float initializer once nothing reads it."""
     result = nodes[-1].outputs[0]
     result.name = unique_name(graph, f"{weight.name or 'weight'}_dequantized")
     _typed(result, ir.DataType.FLOAT, weight.shape)
@@ -176,17 +185,18 @@ def _rewire(graph: ir.Graph, weight: ir.Value, nodes: list[ir.Node]) -> ir.Value
         cast.outputs[0].name = unique_name(graph, f"{weight.name}_dequantized_{weight.dtype.name.lower()}")
         _typed(cast.outputs[0], weight.dtype, weight.shape)
         nodes, result = [*nodes, cast], cast.outputs[0]
-    consumers = {id(use.node) for use in weight.uses()}
-    first = next(node for node in graph if id(node) in consumers)
+    readers = {id(node) for node in consumers} if consumers is not None else {id(u.node) for u in weight.uses()}
+    first = next(node for node in graph if id(node) in readers)
     graph.insert_before(first, nodes)
     for use in list(weight.uses()):
-        if use.node not in nodes:
+        if use.node not in nodes and id(use.node) in readers:
             use.node.replace_input_with(use.idx, result)
-    graph.initializers.pop(weight.name or "", None)
+    if not any(use.node not in nodes for use in weight.uses()):
+        graph.initializers.pop(weight.name or "", None)
     return result
 
 
-def _quantized_inputs(result: ir.Value) -> list[ir.Value]:
+def quantized_inputs(result: ir.Value) -> list[ir.Value]:
     """The initializers that the DQ chain ending in ``result`` reads (for byte counts)."""
     found: list[ir.Value] = []
     pending = [result]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from onnxq.placement.block_plan import BlockChoice
 
 Role = Literal["weight", "activation"]
 
@@ -59,6 +62,8 @@ class Plan:
     nonfinite: dict[str, str] = field(default_factory=dict)
     #: what the clean-up passes changed that the user should know (declared shapes dropped, ...)
     notes: list[str] = field(default_factory=list)
+    #: GEMMs whose weights take a block format (INT4, NVFP4, MXFP8), see ``onnxq.placement.block_plan``
+    blocks: list[BlockChoice] = field(default_factory=list)
 
     def join_group(self, tensors: list[str]) -> None:
         """Put ``tensors`` (and every tensor already grouped with one of them) in one scale group."""
@@ -83,11 +88,31 @@ class Plan:
         names = (u.tensor for d in self.decisions for u in d.uses if u.role == "activation")
         return list(dict.fromkeys(names))
 
+    def dynamic_activation_tensors(self) -> list[str]:
+        """Activations quantized per block at run time whose global scale needs calibration (NVFP4)."""
+        return list(dict.fromkeys(c.activation for c in self.blocks if c.activation_format == "nvfp4"))
+
     def drop_tensor(self, tensor: str, reason: str, category: str) -> None:
-        """Leave ``tensor`` unquantized, and with it every node that needed it quantized."""
+        """Leave ``tensor`` unquantized, and with it every node that needed it quantized.
+
+        A GEMM whose dynamic NVFP4 activation is ``tensor`` keeps its block weight; its activation
+        becomes float."""
         for decision in self.decisions:
             if any(u.tensor == tensor for u in decision.uses):
                 decision.skip(reason, category)
+        for choice in self.blocks:
+            if choice.activation == tensor and choice.activation_format in ("nvfp4", "mxfp8"):
+                choice.activation_format = "float"
+                choice.details.append(f"activation float: {reason}")
+
+    def rename_tensor(self, old: str, new: str, nodes: set[str]) -> None:
+        """``nodes`` now read ``new`` where they read ``old`` (a Mul was inserted between)."""
+        for decision in self.decisions:
+            if decision.node in nodes:
+                decision.uses = [replace(u, tensor=new) if u.tensor == old else u for u in decision.uses]
+        for choice in self.blocks:
+            if choice.node in nodes and choice.activation == old:
+                choice.activation = new
 
     def tensors(self) -> list[QuantizedTensor]:
         """One entry per tensor and axis: a weight shared by consumers with different output-channel

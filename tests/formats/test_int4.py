@@ -312,3 +312,70 @@ def test_full_range_puts_the_extreme_on_code_minus_8(
     params = int4.weight_params(w, 0, len(values), full_range=True)
     assert params.scale.tolist() == [[scale]]
     assert int4.quantize(w, params).ravel().tolist() == codes
+
+
+def reference_clipped(w: np.ndarray, block_size: int, zero_point: bool, ratio: np.ndarray) -> np.ndarray:
+    """Independent loop: each block's range (amax, or min/max widened to 0) times its ratio, then
+    QuantizeLinear/DequantizeLinear as ONNX defines them; dequantized float32."""
+    out = np.zeros(w.shape, np.float32)
+    for index, start in enumerate(range(0, w.shape[0], block_size)):
+        block, r = w[start : start + block_size], ratio[index]
+        if zero_point:
+            low = np.minimum(block.min(axis=0), 0) * r
+            high = np.maximum(block.max(axis=0), 0) * r
+            scale = (high - low) / np.float32(15)
+            scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+            zp = np.clip(np.rint(-low / scale), 0, 15)
+            codes = np.clip(np.rint(block / scale) + zp, 0, 15)
+        else:
+            scale = np.abs(block).max(axis=0) * r / np.float32(7)
+            scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+            zp = np.zeros_like(scale)
+            codes = np.clip(np.rint(block / scale), -8, 7)
+        out[start : start + block_size] = ((codes - zp) * scale).astype(np.float32)
+    return out
+
+
+@FAST
+@given(
+    k=st.integers(1, 200),
+    n=st.integers(1, 5),
+    block_size=st.sampled_from([1, 16, 32, 128]),
+    zero_point=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_clip_ratio_shrinks_the_range_and_saturates_beyond_it(
+    k: int, n: int, block_size: int, zero_point: bool, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    blocks = -(-k // block_size)
+    ratio = rng.uniform(0.3, 1.0, (blocks, n)).astype(np.float32)
+    params = int4.weight_params(w, 0, block_size, zero_point, clip_ratio=ratio)
+    y = int4.dequantize(int4.quantize(w, params), params)
+    np.testing.assert_array_equal(y, reference_clipped(w, block_size, zero_point, ratio))
+    # clipped values saturate: nothing dequantizes beyond the clipped range (INT4 code -8 lies 8/7
+    # beyond it; UINT4's rounded zero point shifts the grid by at most one step)
+    padded = np.pad(np.abs(w), ((0, blocks * block_size - k), (0, 0)))
+    clipped = np.repeat(padded.reshape(blocks, block_size, n).max(axis=1) * ratio, block_size, axis=0)[:k]
+    step = params.granularity.expand(params.scale, w.shape)
+    limit = clipped + step if zero_point else clipped * np.float32(8 / 7) + step * 1e-6
+    assert (np.abs(y) <= limit).all()
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_clip_ratio_of_ones_is_bit_identical_to_no_clip(zero_point: bool) -> None:
+    w = np.random.default_rng(71).standard_normal((200, 6)).astype(np.float32)
+    plain = int4.weight_params(w, 0, 64, zero_point)
+    ones = int4.weight_params(w, 0, 64, zero_point, clip_ratio=np.ones((4, 6), np.float32))
+    np.testing.assert_array_equal(plain.scale, ones.scale)
+    np.testing.assert_array_equal(plain.zero_point.astype(np.int8), ones.zero_point.astype(np.int8))
+
+
+BAD_RATIOS = [np.zeros((2, 3)), np.full((2, 3), 1.5), np.full((2, 3), np.nan), np.ones((3, 2))]
+
+
+@pytest.mark.parametrize("ratio", BAD_RATIOS)
+def test_bad_clip_ratio_is_rejected(ratio: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="clip ratio"):
+        int4.weight_params(np.ones((200, 3), np.float32), 0, 128, clip_ratio=ratio)

@@ -5,8 +5,8 @@ Usage:
     python tests/realworld/sweep.py [--models a,b] [--modes int8,fp8] [--targets tensorrt,ort]
                                     [--models-dir DIR] [--timeout S] [--out FILE]
 
-Per model (fetched by ``fetch.py``), per mode x target (every pair of ``onnxq.api.MODES`` x
-``onnxq.placement.rules.TARGETS`` except those in ``UNSUPPORTED``):
+Per model (fetched by ``fetch.py``), per mode x target (every pair of ``onnxq.choices.MODES`` x
+``onnxq.placement.rules.TARGETS`` except ``unsupported_pairs()``):
   1. calibration data: a directory of ``.npz`` files, one feed each, shaped like the manifest's
      ``example_shape`` and filled as its preprocessing describes (see ``input_kind``);
   2. ``onnxq quantize`` in a subprocess with a time limit, on a private copy of the model;
@@ -42,7 +42,7 @@ import numpy as np
 from fetch import default_models_dir, load_manifest  # this folder: run as a script or by pytest
 
 #: (mode, target) pairs onnxq accepts but that are not a deployment: ONNX Runtime CPU has no FP8 kernels
-UNSUPPORTED = frozenset({("fp8", "ort")})
+NOT_A_DEPLOYMENT = frozenset({("fp8", "ort")})
 CALIB_FEEDS = 4
 HELDOUT_FEEDS = 2
 DEFAULT_TIMEOUT_S = 180.0
@@ -60,10 +60,20 @@ def cached_models(models_dir: Path, entries: Iterable[dict[str, Any]]) -> list[d
 
 def combinations(modes: Sequence[str] | None = None, targets: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """Every (mode, target) onnxq supports today, read from the package so new modes join the sweep."""
-    from onnxq.api import MODES
+    from onnxq.choices import MODES
     from onnxq.placement.rules import TARGETS
 
-    return [(m, t) for t in (targets or TARGETS) for m in (modes or MODES) if (m, t) not in UNSUPPORTED]
+    unsupported = unsupported_pairs()
+    return [(m, t) for t in (targets or TARGETS) for m in (modes or MODES) if (m, t) not in unsupported]
+
+
+def unsupported_pairs() -> frozenset[tuple[str, str]]:
+    """Pairs left out: not a deployment, or refused by onnxq itself (TensorRT-only block formats on ORT)."""
+    from onnxq.modes import MODE_SPECS
+    from onnxq.placement.rules import TARGETS
+
+    refused = {(m, t) for m, spec in MODE_SPECS.items() for t in TARGETS if t not in spec.targets}
+    return NOT_A_DEPLOYMENT | frozenset(refused)
 
 
 # ---------------------------------------------------------------------------------------------- feeds
@@ -209,7 +219,24 @@ def session(path: Path, as_written: bool) -> Any:
     options.log_severity_level = 3
     if as_written:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # INT4 DequantizeLinear -> MatMul exactly as written (ORT otherwise computes it with int8 activations)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(emulated_if_needed(path)), options, providers=["CPUExecutionProvider"])
+
+
+def emulated_if_needed(path: Path) -> Path:
+    """NVFP4/MXFP8 outputs have no ONNX Runtime CPU kernels: ``onnxq emulate`` writes a copy in standard
+    ops into an ``emulated`` folder beside the output's folder, which is what runs."""
+    from onnxq.emulate import emulate_file, needs_emulation
+    from onnxq.model_io import load_model
+
+    if not needs_emulation(load_model(path)):
+        return path
+    folder = path.parent.parent / "emulated"
+    folder.mkdir(exist_ok=True)
+    emulated = folder / path.name
+    emulate_file(path, emulated)
+    return emulated
 
 
 def run_feeds(sess: Any, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -244,14 +271,18 @@ def output_snrs(reference: list[list[np.ndarray]], quantized: list[list[np.ndarr
     return snrs
 
 
+#: nodes that hold quantized weights or activations (MatMulNBits replaces an INT4 DequantizeLinear + MatMul)
+QUANTIZED_OPS = frozenset({"DequantizeLinear", "MatMulNBits", "TRT_MXFP8DequantizeLinear"})
+
+
 def count_dq(path: Path) -> int:
-    """DequantizeLinear nodes in the model and all its subgraphs (0 means nothing was quantized)."""
+    """Dequantizing nodes (``QUANTIZED_OPS``) in the model and all its subgraphs (0: nothing was quantized)."""
     import onnx
 
     def walk(graph: onnx.GraphProto) -> int:
         total = 0
         for node in graph.node:
-            total += node.op_type == "DequantizeLinear"
+            total += node.op_type in QUANTIZED_OPS
             for attribute in node.attribute:
                 total += sum(walk(g) for g in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs])
         return total
@@ -373,12 +404,34 @@ def quantize_one(entry: dict[str, Any], model_src: Path, mode: str, target: str,
 
 def sweep_model(entry: dict[str, Any], models_dir: Path, pairs: Sequence[tuple[str, str]],
                 timeout: float = DEFAULT_TIMEOUT_S) -> list[Row]:
-    """Every (mode, target) for one model, each in a fresh temporary folder."""
-    rows = []
+    """Every (mode, target) for one model, each in a fresh temporary folder.
+
+    Block modes all refuse a model without quantizable MatMul/Gemm weights with the same check: once one
+    block mode was refused for that reason, the model's other block modes are listed as such, not rerun.
+    """
+    rows: list[Row] = []
+    no_gemm: Row | None = None
     for mode, target in pairs:
+        if no_gemm is not None and is_block_mode(mode):
+            rows.append(Row(entry["name"], mode, target, f"{NO_GEMM_STATUS} (as {no_gemm.mode})", math.nan, 0.0))
+            continue
         with tempfile.TemporaryDirectory(prefix=f"onnxq-sweep-{entry['name']}-") as work:
-            rows.append(quantize_one(entry, models_dir / f"{entry['name']}.onnx", mode, target, Path(work), timeout))
+            row = quantize_one(entry, models_dir / f"{entry['name']}.onnx", mode, target, Path(work), timeout)
+        rows.append(row)
+        if is_block_mode(mode) and row.status.startswith("clear error") and NO_GEMM_REFUSAL.search(row.status):
+            no_gemm = row
     return rows
+
+
+#: how onnxq refuses a block mode for a model with no MatMul/Gemm weight it can quantize
+NO_GEMM_REFUSAL = re.compile(r"has no MatMul or Gemm|found no MatMul/Gemm weight")
+NO_GEMM_STATUS = "clear error: no MatMul/Gemm weight for block modes"
+
+
+def is_block_mode(mode: str) -> bool:
+    from onnxq.modes import mode_spec
+
+    return mode_spec(mode).block_weight is not None
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -400,7 +453,7 @@ def _names(text: str | None) -> list[str] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated model names (default: every cached model)")
-    parser.add_argument("--modes", help="comma-separated modes (default: onnxq.api.MODES)")
+    parser.add_argument("--modes", help="comma-separated modes (default: onnxq.choices.MODES)")
     parser.add_argument("--targets", help="comma-separated targets (default: onnxq.placement.rules.TARGETS)")
     parser.add_argument("--models-dir", type=Path, default=None, help="default: $ONNXQ_REALMODELS or ~/.cache/onnxq-realmodels")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per quantize run")

@@ -77,12 +77,13 @@ def test_feeds_follow_the_preprocessing_hints() -> None:
 
 
 def test_combinations_cover_modes_and_targets_except_fp8_on_ort() -> None:
-    from onnxq.api import MODES
+    from onnxq.choices import MODES
     from onnxq.placement.rules import TARGETS
 
     pairs = sweep.combinations()
     assert ("int8", "tensorrt") in pairs and ("fp8", "tensorrt") in pairs and ("int8", "ort") in pairs
-    assert len(pairs) == len(MODES) * len(TARGETS) - len(sweep.UNSUPPORTED)
+    assert len(pairs) == len(MODES) * len(TARGETS) - len(sweep.unsupported_pairs())
+    assert ("int4", "ort") in pairs and ("nvfp4", "tensorrt") in pairs and ("nvfp4", "ort") not in pairs
 
 
 def test_snr_and_finiteness_checks() -> None:
