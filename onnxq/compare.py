@@ -8,8 +8,10 @@ as exact; any other non-finite disagreement makes the SNR -inf.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,8 +103,26 @@ def compare(
     By default the quantized model runs with its Q/DQ as written (what TensorRT reproduces);
     ``ort_fusions`` runs it with ONNX Runtime's fused CPU integer kernels, as an ORT deployment would.
     """
+    with tempfile.TemporaryDirectory(prefix="onnxq-compare-") as folder:
+        return _compare(
+            reference, quantized, data, Path(folder), providers, batch_size, max_samples, ort_fusions
+        )
+
+
+def _compare(
+    reference: Any,
+    quantized: Any,
+    data: Any,
+    folder: Path,
+    providers: Sequence[str] | None,
+    batch_size: int | None,
+    max_samples: int | None,
+    ort_fusions: bool,
+) -> CompareResult:
     reference_model, quantized_model = load_model(reference), load_model(quantized)
-    emulated = _emulate_if_needed(quantized_model)
+    emulated = ""
+    if _needs_emulation(quantized_model):
+        emulated, quantized_model = _emulated(quantized_model, folder)
     names = [v.name or "" for v in reference_model.graph.outputs]
     quantized_names = [v.name or "" for v in quantized_model.graph.outputs]
     if names != quantized_names:
@@ -131,19 +151,28 @@ def compare(
     return result
 
 
-def _emulate_if_needed(model: ir.Model) -> str:
-    """Rewrite FP4/MXFP8 parts into standard ops in place; what was emulated, or "" when nothing."""
-    from onnxq.emulate import emulate, needs_emulation
+def _needs_emulation(model: ir.Model) -> bool:
+    from onnxq.emulate import needs_emulation
 
-    if not needs_emulation(model):
-        return ""
+    return needs_emulation(model)
+
+
+def _emulated(model: ir.Model, folder: Path) -> tuple[str, ir.Model]:
+    """(what was emulated, the emulated model): FP4/MXFP8 parts rewritten into standard ops, written to
+    ``folder`` one weight at a time (the folded float weights are lazy) and read back memory-mapped, so
+    a model over 2 GB is never held whole or serialized as one protobuf."""
+    from onnxq.emulate import emulate
+
     stats = emulate(model)
+    path = folder / "emulated.onnx"
+    ir.save(model, path, external_data="emulated.onnx.data")
     parts = {
         "FP4/MXFP8 weights": stats.folded_weights,
         "NVFP4 activations": stats.nvfp4_activations,
         "MXFP8 activations": stats.mxfp8_quantizers,
     }
-    return ", ".join(f"{count} {what}" for what, count in parts.items() if count)
+    described = ", ".join(f"{count} {what}" for what, count in parts.items() if count)
+    return described, load_model(path)
 
 
 def _check_same_inputs(reference: list[InputSpec], quantized: list[InputSpec]) -> None:

@@ -52,7 +52,7 @@ from onnxq.graph.dynamic_quantize import (
 )
 from onnxq.graph.fp4_weights import emulate_fp4_weights
 from onnxq.graph.passes import DEFAULT_DOMAINS, default_opset, forget_names, unique_name, upgrade_opset
-from onnxq.model_io import load_model, save_model
+from onnxq.model_io import check_output_path, load_model, save_model
 from onnxq.reference_ops import dequantize_mxfp8_codes
 
 #: tensor types ONNX Runtime's CPU build has no kernels for
@@ -89,7 +89,13 @@ def needs_emulation(model: ir.Model) -> bool:
 
 def emulate_file(source: Path, destination: Path) -> EmulationStats:
     """Load ``source``, :func:`emulate` it, save the result to ``destination`` (checked on write)."""
+    check_output_path(source, destination)
     model = load_model(source)
+    if not needs_emulation(model):
+        raise OnnxqError(
+            f"{source} holds no FP4/MXFP8 tensors or TensorRT dynamic-quantize ops",
+            "ONNX Runtime runs it as it is: nothing to emulate",
+        )
     stats = emulate(model)
     save_model(model, destination)
     return stats

@@ -385,3 +385,17 @@ def test_ort_int4_defaults_to_the_fast_accuracy_level(mlp: Path, tmp_path: Path)
     assert snr_db(expected, _session(out).run(None, {"x": x})[0]) > 30  # int8 activations inside the kernel
     with pytest.raises(OnnxqError, match="accuracy-level"):
         onnxq.quantize(mlp, mode="int4", target="ort", output_path=out, int4_accuracy_level=7)
+
+
+def test_emulate_refuses_models_without_fp4_and_protects_its_input(
+    mlp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["emulate", str(mlp), "-o", str(tmp_path / "e.onnx")]) == 2
+    assert "nothing to emulate" in capsys.readouterr().err and not (tmp_path / "e.onnx").exists()
+    out = tmp_path / "q.onnx"
+    onnxq.quantize(mlp, mode="nvfp4-w4a16", output_path=out)
+    before = out.read_bytes()
+    assert main(["emulate", str(out), "-o", str(out)]) == 2
+    assert out.read_bytes() == before
+    assert main(["emulate", str(tmp_path / "missing.onnx")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2

@@ -23,7 +23,6 @@ from onnxq.graph import block_weights, fp4_weights
 from onnxq.graph.passes import values_by_name
 from onnxq.placement.block_plan import BlockChoice
 
-
 #: MatMulNBits ``accuracy_level`` for the ORT target: 4 quantizes A to int8 per block inside the kernel,
 #: ONNX Runtime's fast CPU path (measured on the benchmark decoder: 3.5x FP32 at one token, batch 1 and
 #: 8, -0.04 dB); 0 keeps A float (exact, but slower than FP32 from batch 8 on)

@@ -22,6 +22,7 @@ products as DequantizeLinear), since ONNX Runtime's CPU build has no FLOAT4E2M1 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -185,7 +186,9 @@ def _rewire(
         cast.outputs[0].name = unique_name(graph, f"{weight.name}_dequantized_{weight.dtype.name.lower()}")
         _typed(cast.outputs[0], weight.dtype, weight.shape)
         nodes, result = [*nodes, cast], cast.outputs[0]
-    readers = {id(node) for node in consumers} if consumers is not None else {id(u.node) for u in weight.uses()}
+    readers = (
+        {id(node) for node in consumers} if consumers is not None else {id(u.node) for u in weight.uses()}
+    )
     first = next(node for node in graph if id(node) in readers)
     graph.insert_before(first, nodes)
     for use in list(weight.uses()):
@@ -249,27 +252,89 @@ def emulate_fp4_weights(model: ir.Model) -> int:
     the output of a DQ of constants (the NVFP4 chain). The numbers are ``dequantize_linear`` below,
     the same float32 products as ``onnx.reference``. Inputs left unused (FP4 values, scales, the
     scale DQ) are removed. Main graph only: block weights are not planned inside subgraphs.
+
+    The float initializers are lazy: each is computed when it is read (by a save, one tensor at a
+    time, or by ``numpy()``) and not kept, so emulating a model over 2 GB holds one weight at a time.
     """
     graph = model.graph
     forget_names(graph)
     folded = 0
     for node in [n for n in graph if _foldable(n)]:
-        array = _evaluate(node)
+        spec = _snapshot(node)
         output = node.outputs[0]
         name = output.name or unique_name(graph, "dequantized_weight")
-        replacement = ir.Value(
-            shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array),
-        )  # fmt: skip
+        shape = ir.Shape(spec.shape)
+        tensor = ir.LazyTensor(
+            functools.partial(_folded_tensor, spec), dtype=spec.dtype, shape=shape, name=name
+        )
+        replacement = ir.Value(shape=shape, type=ir.TensorType(spec.dtype), const_value=tensor)
         ir.convenience.replace_all_uses_with(output, replacement, replace_graph_outputs=True)
         inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
         replacement.name = name
-        replacement.const_value.name = name  # type: ignore[union-attr]
         graph.register_initializer(replacement)
         _drop_unused(graph, inputs)
         folded += 1
     return folded
+
+
+def _folded_tensor(spec: _FoldedDequantize) -> ir.TensorProtocol:
+    return ir.tensor(spec.evaluate())
+
+
+@dataclass(frozen=True)
+class _FoldedDequantize:
+    """A DequantizeLinear of constants (or of such DQs), kept apart from the graph for a lazy fold."""
+
+    inputs: tuple[ir.TensorProtocol | _FoldedDequantize | None, ...]
+    axis: int
+    block_size: int
+    output_dtype: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        x = self.inputs[0]
+        assert x is not None
+        return x.shape if isinstance(x, _FoldedDequantize) else tuple(x.shape.numpy())
+
+    @property
+    def dtype(self) -> ir.DataType:
+        """ONNX: the output_dtype attribute when set, else the scale's type."""
+        if self.output_dtype:
+            return ir.DataType(self.output_dtype)
+        scale = self.inputs[1]
+        assert scale is not None
+        return scale.dtype
+
+    def evaluate(self) -> np.ndarray:
+        arrays = [
+            None if i is None else (i.evaluate() if isinstance(i, _FoldedDequantize) else i.numpy())
+            for i in self.inputs
+        ]
+        x, scale = arrays[0], arrays[1]
+        assert x is not None and scale is not None
+        return dequantize_linear(
+            x, scale, arrays[2] if len(arrays) > 2 else None, axis=self.axis, block_size=self.block_size,
+            output_dtype=self.dtype.numpy() if self.output_dtype else None,
+        )  # fmt: skip
+
+
+def _snapshot(node: ir.Node) -> _FoldedDequantize:
+    """The DQ's constant inputs (and DQ-produced scales), captured before the node leaves the graph."""
+    inputs: list[ir.TensorProtocol | _FoldedDequantize | None] = []
+    for value in node.inputs:
+        if value is None:
+            inputs.append(None)
+        elif value.const_value is not None:
+            inputs.append(value.const_value)
+        else:
+            producer = value.producer()
+            assert producer is not None
+            inputs.append(_snapshot(producer))
+    return _FoldedDequantize(
+        tuple(inputs), node.attributes.get_int("axis", 1), node.attributes.get_int("block_size", 0),
+        node.attributes.get_int("output_dtype", 0),
+    )  # fmt: skip
 
 
 def _foldable(node: ir.Node) -> bool:
@@ -293,30 +358,6 @@ def _is_constant(value: ir.Value) -> bool:
         and producer.op_type == "DequantizeLinear"
         and all(v is None or v.const_value is not None for v in producer.inputs)
     )
-
-
-def _constant_array(value: ir.Value) -> np.ndarray:
-    """The value of a constant, or of a DQ of constants (see :func:`_is_constant`)."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    assert producer is not None
-    return _evaluate(producer)
-
-
-def _evaluate(node: ir.Node) -> np.ndarray:
-    """The output of a DequantizeLinear of (possibly DQ-produced) constants."""
-    arrays = [None if v is None else _constant_array(v) for v in node.inputs]
-    x, scale = arrays[0], arrays[1]
-    assert x is not None and scale is not None
-    zero_point = arrays[2] if len(arrays) > 2 else None
-    output_dtype = node.attributes.get_int("output_dtype", 0)
-    return dequantize_linear(
-        x, scale, zero_point,
-        axis=node.attributes.get_int("axis", 1),
-        block_size=node.attributes.get_int("block_size", 0),
-        output_dtype=ir.DataType(output_dtype).numpy() if output_dtype else None,
-    )  # fmt: skip
 
 
 def dequantize_linear(

@@ -347,6 +347,34 @@ def test_upgrade_opset_with_changed_schema_uses_the_version_converter(
     np.testing.assert_allclose(run(upgraded, feed)[0], run(original, feed)[0], rtol=1e-6)
 
 
+def test_the_version_converter_never_sees_float_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights held in memory are swapped for placeholders around the converter and put back by name."""
+    weight = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
+    original = build(
+        """g (float[N, 1, 64] x) => (float[N, 64] y) {
+            [sq] s = Squeeze<axes = [1]>(x)
+            [mm] y = MatMul(s, w)
+        }""",
+        {"w": weight},
+        opset=11,
+        ir_version=7,
+    )
+    seen: list[int] = []
+    convert = onnx.version_converter.convert_version
+
+    def spy(proto, target):
+        seen.append(proto.ByteSize())
+        return convert(proto, target)
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", spy)
+    model = ir.serde.deserialize_model(original)
+    assert passes.upgrade_opset(model, 13) is True
+    assert seen and seen[0] < weight.nbytes  # the 16 KB weight stayed out of the proto
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), weight)
+    feed = {"x": np.random.default_rng(4).standard_normal((2, 1, 64)).astype(np.float32)}
+    np.testing.assert_array_equal(run(ir.serde.serialize_model(model), feed)[0], run(original, feed)[0])
+
+
 def test_upgrade_opset_failure_is_an_onnxq_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(proto, target):
         raise RuntimeError("no adapter")

@@ -24,6 +24,7 @@ passes. SNR on synthetic inputs tests the machinery, not accuracy: no SNR thresh
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import math
 import os
@@ -458,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=None, help="default: $ONNXQ_REALMODELS or ~/.cache/onnxq-realmodels")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per quantize run")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
+    parser.add_argument("--jobs", type=int, default=1, help="models swept at once (each run is a subprocess)")
     args = parser.parse_args(argv)
     models_dir = args.models_dir or default_models_dir()
     entries = load_manifest()
@@ -473,10 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     pairs = combinations(_names(args.modes), _names(args.targets))
     rows: list[Row] = []
-    for entry in present:
-        for row in sweep_model(entry, models_dir, pairs, args.timeout):
-            print(row.markdown(), file=sys.stderr, flush=True)  # progress while the table builds
-            rows.append(row)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(sweep_model, entry, models_dir, pairs, args.timeout) for entry in present]
+        for future in futures:  # the table keeps the manifest's order whatever finishes first
+            for row in future.result():
+                print(row.markdown(), file=sys.stderr, flush=True)  # progress while the table builds
+                rows.append(row)
     text = table(rows)
     print(text)
     if args.out:
