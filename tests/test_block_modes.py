@@ -399,3 +399,27 @@ def test_emulate_refuses_models_without_fp4_and_protects_its_input(
     assert out.read_bytes() == before
     assert main(["emulate", str(tmp_path / "missing.onnx")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+def test_external_weights_are_unmapped_once_quantized(mlp: Path, tmp_path: Path) -> None:
+    """Each external float weight is released after its INT4 form is written (peak RSS below model size)."""
+    import onnx_ir as ir
+
+    from onnxq.graph.block_emit import emit_blocks
+    from onnxq.modes import mode_spec
+    from onnxq.placement.block_plan import BlockOptions, apply_mode
+    from onnxq.placement.plan import Plan
+
+    external = tmp_path / "external.onnx"
+    onnx.save(onnx.load(mlp), external, save_as_external_data=True, size_threshold=0)
+    model = ir.load(external)
+    model.opset_imports[""], model.ir_version = 21, 10
+    originals = {name: value.const_value for name, value in model.graph.initializers.items()}
+    for tensor in originals.values():
+        assert isinstance(tensor, ir.ExternalTensor)
+        tensor.numpy()  # mapped, as reading the weight maps it
+    plan = Plan(target="tensorrt")
+    apply_mode(model, plan, mode_spec("int4"), BlockOptions("tensorrt", 128, "rtn"))
+    emit_blocks(model, plan.blocks, "tensorrt", {})
+    released = {name for name, tensor in originals.items() if getattr(tensor, "raw", None) is None}
+    assert released == {"W1", "W2"}  # W3 (the head, kept float) is still mapped

@@ -51,9 +51,21 @@ def emit_blocks(
     stats = BlockEmission()
     for choice in choices:
         node = nodes[choice.node]
+        weight = node.inputs[1]
         _emit_activation(graph, node, choice, ranges, stats)
         _emit_weight(model, node, choice, target, stats, accuracy_level)
+        _release_if_unused(weight)
     return stats
+
+
+def _release_if_unused(weight: ir.Value | None) -> None:
+    """Unmap a float weight read from external data once nothing reads it: its pages would otherwise
+    stay resident (each ExternalTensor maps the file), and a model over 2 GB would need its full size
+    in memory on top of the quantized weights."""
+    if weight is None or weight.uses() or weight.is_graph_output():
+        return
+    if isinstance(weight.const_value, ir.ExternalTensor):
+        weight.const_value.release()
 
 
 def _emit_weight(

@@ -1,0 +1,1 @@
+"""Deployment helpers: building TensorRT engines and checking what they ran."""
