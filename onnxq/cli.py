@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(
         commands.add_parser("compare", help="compare a quantized model with its original", parents=[common])
     )
+    _add_build(
+        commands.add_parser(
+            "build", help="build a TensorRT engine and check it honoured every Q/DQ", parents=[common]
+        )
+    )
     _add_emulate(
         commands.add_parser(
             "emulate",
@@ -165,6 +170,51 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the .onnx model to build (quantized or not)")
+    parser.add_argument("-o", "--output", help="engine path (default: <input stem>.engine beside it)")
+    parser.add_argument(
+        "--shapes",
+        action="append",
+        default=[],
+        metavar="NAME:MIN,OPT,MAX",
+        help="optimization profile of a dynamic input, e.g. x:1x3x224x224,8x3x224x224,32x3x224x224",
+    )
+    parser.add_argument("--timing-cache", help="timing cache file (read when present, written after)")
+    parser.add_argument("--opt-level", type=int, help="builder optimization level 0-5 (TensorRT's default 3)")
+    parser.add_argument("--workspace", type=int, metavar="MIB", help="workspace memory limit in MiB")
+    parser.add_argument(
+        "--hardware-compat", action="store_true", help="an engine that runs on every GPU from Ampere on"
+    )
+    parser.add_argument(
+        "--version-compat", action="store_true", help="an engine that later TensorRT versions can run"
+    )
+    parser.add_argument("--plugins", action="append", default=[], metavar="LIB", help="plugin library")
+    parser.add_argument(
+        "--print-trtexec",
+        action="store_true",
+        help="print the equivalent trtexec command (to run on the target) and build nothing",
+    )
+    parser.add_argument(
+        "--trtexec-style",
+        choices=("posix", "windows"),
+        help="quoting of --print-trtexec (default: this system's)",
+    )
+    parser.add_argument("--original", help="the unquantized model, for --fp16-baseline and --compare")
+    parser.add_argument(
+        "--fp16-baseline", action="store_true", help="also build --original converted to FP16"
+    )
+    parser.add_argument(
+        "--bench", action="store_true", help="time the engine against the FP16 baseline, print the ratio"
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="DATA",
+        help="run the engine and --original (ONNX Runtime) on DATA: SNR per output",
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip the engine-inspector check")
+
+
 def _add_emulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="quantized .onnx model with FP4/MXFP8 parts (never modified)")
     parser.add_argument("-o", "--output", help="output path (default: <input stem>.emulated.onnx beside it)")
@@ -175,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     _configure_logging(getattr(args, "verbose", 0), debug)
     try:
-        commands = {"quantize": _run_quantize, "compare": _run_compare, "emulate": _run_emulate}
+        commands = {
+            "quantize": _run_quantize,
+            "compare": _run_compare,
+            "emulate": _run_emulate,
+            "build": _run_build,
+        }
         return commands[args.command](args)
     except OnnxqError as error:
         _report(f"onnxq: error: {error}", debug)
@@ -430,6 +485,52 @@ def _run_compare(args: argparse.Namespace) -> int:
         )
         return EXIT_CHECK_FAILED
     return 0
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from onnxq.deploy.build_command import BuildRequest, build_options, check_request, run_build
+
+    model = Path(args.model)
+    request = BuildRequest(
+        model=model,
+        engine=Path(args.output) if args.output else model.with_suffix(".engine"),
+        shapes=args.shapes,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+        optimization_level=args.opt_level,
+        workspace_mib=args.workspace,
+        hardware_compatible=args.hardware_compat,
+        version_compatible=args.version_compat,
+        plugins=[Path(p) for p in args.plugins],
+        original=Path(args.original) if args.original else None,
+        fp16_baseline=args.fp16_baseline,
+        bench=args.bench,
+        compare_data=Path(args.compare) if args.compare else None,
+        check=not args.no_check,
+    )
+    if args.print_trtexec:
+        from onnxq.deploy.trtexec import trtexec_line
+
+        check_request(request)
+        print(trtexec_line(request.model, request.engine, build_options(request), style=args.trtexec_style))
+        return 0
+    report = run_build(request)
+    console = _console()
+    result = report.build
+    console.print(
+        f"onnxq build -> {result.engine_path}: {result.engine_bytes / 1e6:.2f} MB, TensorRT "
+        f"{result.tensorrt_version}, {'strongly' if result.strongly_typed else 'weakly'} typed, "
+        f"{result.build_seconds:.1f} s",
+        markup=False,
+    )
+    if report.check_text:
+        console.print(report.check_text, markup=False)
+    if report.timings is not None:
+        quantized, baseline = report.timings
+        ratio = f", {baseline / quantized:.2f}x the FP16 baseline ({baseline:.3f} ms)" if baseline else ""
+        console.print(f"latency: {quantized:.3f} ms (median){ratio}", markup=False)
+    for name, snr in report.snr_db.items():
+        console.print(f"SNR {name}: {snr:.2f} dB against --original in ONNX Runtime", markup=False)
+    return 0 if report.check_ok else EXIT_CHECK_FAILED
 
 
 def _run_emulate(args: argparse.Namespace) -> int:
