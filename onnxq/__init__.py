@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "CompareResult": "onnxq.compare",
+    "CompareResult": "onnxq.comparison",
     "OnnxqError": "onnxq.errors",
-    "OutputMetrics": "onnxq.compare",
+    "OutputMetrics": "onnxq.comparison",
     "QuantizeOptions": "onnxq.api",
     "QuantizeResult": "onnxq.api",
-    "compare": "onnxq.compare",
+    "compare": "onnxq.comparison",
     "quantize": "onnxq.api",
 }
 
@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from onnxq.api import QuantizeOptions as QuantizeOptions
     from onnxq.api import QuantizeResult as QuantizeResult
     from onnxq.api import quantize as quantize
-    from onnxq.compare import CompareResult as CompareResult
-    from onnxq.compare import OutputMetrics as OutputMetrics
-    from onnxq.compare import compare as compare
+    from onnxq.comparison import CompareResult as CompareResult
+    from onnxq.comparison import OutputMetrics as OutputMetrics
+    from onnxq.comparison import compare as compare
     from onnxq.errors import OnnxqError as OnnxqError
 
 

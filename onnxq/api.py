@@ -35,6 +35,7 @@ from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.graph import passes, prequantized
 from onnxq.graph.block_emit import DEFAULT_ACCURACY_LEVEL, BlockEmission, emit_blocks
+from onnxq.graph.float_conversion import HIGH_PRECISIONS, ConversionReport, convert_float_precision
 from onnxq.graph.qdq import LOW_PRECISION_FLOATS, InsertionStats, insert_qdq, required_opset
 from onnxq.model_io import DEFAULT_IR_VERSION, check_output_path, load_model, referenced_files, save_model
 from onnxq.modes import ModeSpec, check_mode_options, mode_spec
@@ -83,6 +84,10 @@ class QuantizeOptions:
     quantize_lm_head: bool = False
     #: ORT target, INT4: MatMulNBits ``accuracy_level`` (4: int8 activations inside the kernel, fast; 0: float)
     int4_accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    #: the type of the non-quantized rest: "fp16" (TensorRT default), "bf16" or "fp32" (ORT default)
+    high_precision: str | None = None
+    #: with fp16/bf16: graph inputs and outputs take that type too (default: they keep theirs)
+    low_precision_io: bool = False
 
 
 @dataclass
@@ -97,6 +102,8 @@ class QuantizeResult:
     blocks: BlockEmission = field(default_factory=BlockEmission)
     #: the INT4 weight algorithm that ran ("" for other modes)
     algorithm: str = ""
+    #: what the FP16/BF16 conversion of the rest did (None: the rest stayed float32)
+    conversion: ConversionReport | None = None
 
     @property
     def calibration(self) -> dict[str, TensorRange]:
@@ -151,13 +158,56 @@ def quantize(
     refresh_reasons(plan)
     _finish(working, settings, activation_format, spec)
     timer.lap("insert")
+    conversion = _convert_rest(working, settings, ranges)
+    if conversion is not None:
+        timer.lap("convert")
     if output_path is not None:
         save_model(working, output_path, custom_ops=settings.ort_custom_ops)
         timer.lap("save")
     path = Path(output_path) if output_path is not None else None
-    result = QuantizeResult(working, plan, ranges, path, insertion, timer.laps, blocks)
+    result = QuantizeResult(working, plan, ranges, path, insertion, timer.laps, blocks, conversion=conversion)
     result.algorithm = algorithm if spec.block_weight == "int4" else ""
     return result
+
+
+def high_precision_for(settings: QuantizeOptions) -> str:
+    """The rest's type: as asked, else float32. TensorRT's strongly typed builds run the rest in the
+    model's own types, so ``--high-precision fp16`` is what a TensorRT deployment wants; it is not the
+    default yet (the tests of every TensorRT-target placement compare float32 graphs)."""
+    return settings.high_precision or "fp32"
+
+
+def _convert_rest(
+    model: ir.Model, settings: QuantizeOptions, ranges: dict[str, TensorRange]
+) -> ConversionReport | None:
+    """The non-quantized part in FP16/BF16; tensors whose calibrated range exceeds FP16 keep float32."""
+    precision = high_precision_for(settings)
+    if precision == "fp32":
+        return None
+    amax = {t: r.stats.amax for t, r in ranges.items() if r.stats.has_data}
+    report = convert_float_precision(
+        model, precision, tensor_ranges=amax, low_precision_io=settings.low_precision_io,
+        keep_nodes=_dynamic_quantize_chains(model),
+    )  # fmt: skip
+    model.ir_version = max(model.ir_version, settings.ir_version)
+    return report
+
+
+def _dynamic_quantize_chains(model: ir.Model) -> list[str]:
+    """TensorRT's dynamic quantizers and the DequantizeLinear chains after them stay float32: their
+    global scale is one float32 value shared by the quantizer and the scale's DequantizeLinear."""
+    names: list[str] = []
+    for node in model.graph:
+        if node.domain != "trt":
+            continue
+        names.append(node.name or "")
+        pending = list(node.outputs)
+        while pending:
+            for use in pending.pop().uses():
+                if use.node.op_type in ("DequantizeLinear", "TRT_MXFP8DequantizeLinear"):
+                    names.append(use.node.name or "")
+                    pending += list(use.node.outputs)
+    return names
 
 
 def _algorithm(spec: ModeSpec, asked: str | None, has_data: bool) -> str:
@@ -228,6 +278,7 @@ def _check_options(settings: QuantizeOptions) -> None:
     for library in settings.ort_custom_ops:
         option_checks.check_existing_file("--ort-custom-ops", library, "custom-op library")
     option_checks.check_parent_folder("--calib-cache", settings.calib_cache)
+    _check_high_precision(settings)
     if settings.int4_accuracy_level not in MATMULNBITS_ACCURACY_LEVELS:
         raise OnnxqError(
             f"--int4-accuracy-level {settings.int4_accuracy_level!r} is not one of MatMulNBits' levels",
@@ -237,6 +288,22 @@ def _check_options(settings: QuantizeOptions) -> None:
         mode_spec(settings.mode), settings.target, settings.algo, settings.block_size, settings.zero_point,
         settings.opset,
     )  # fmt: skip
+
+
+def _check_high_precision(settings: QuantizeOptions) -> None:
+    if settings.high_precision is not None and settings.high_precision not in HIGH_PRECISIONS:
+        raise OnnxqError(
+            f"--high-precision {settings.high_precision!r} is not a float type onnxq converts to",
+            f"use one of {', '.join(HIGH_PRECISIONS)}",
+        )
+    if settings.target == "ort" and high_precision_for(settings) != "fp32":
+        raise OnnxqError(
+            f"--high-precision {settings.high_precision} with --target ort: ONNX Runtime's CPU integer kernels "
+            "take float32 scales only",
+            "drop --high-precision for the ORT target (its rest stays float32), or use --target tensorrt",
+        )
+    if settings.low_precision_io and high_precision_for(settings) == "fp32":
+        raise OnnxqError("--low-precision-io needs an fp16 or bf16 rest", "add --high-precision fp16")
 
 
 def _check_output_path(

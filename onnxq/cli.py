@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from onnxq.api import QuantizeResult
-    from onnxq.compare import CompareResult
+    from onnxq.comparison import CompareResult
 
 EXIT_ERROR = 2
 EXIT_CHECK_FAILED = 1
@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
             "build", help="build a TensorRT engine and check it honoured every Q/DQ", parents=[common]
         )
     )
+    _add_convert(
+        commands.add_parser(
+            "convert",
+            help="convert a model's float32 tensors to fp16 or bf16 (the unquantized baseline)",
+            parents=[common],
+        )
+    )
     _add_emulate(
         commands.add_parser(
             "emulate",
@@ -103,6 +110,16 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--zero-point", action="store_true", help="INT4 modes: UINT4 with a zero point per block"
+    )
+    parser.add_argument(
+        "--high-precision",
+        choices=("fp16", "bf16", "fp32"),
+        help="type of the non-quantized rest (default fp16 for --target tensorrt, fp32 for ort)",
+    )
+    parser.add_argument(
+        "--low-precision-io",
+        action="store_true",
+        help="with an fp16/bf16 rest: graph inputs and outputs take that type too",
     )
     parser.add_argument(
         "--int4-accuracy-level",
@@ -215,6 +232,18 @@ def _add_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the engine-inspector check")
 
 
+def _add_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="input .onnx model (never modified)")
+    parser.add_argument("--to", required=True, choices=("fp16", "bf16"), help="the float type to convert to")
+    parser.add_argument("-o", "--output", help="output path (default: <input stem>.<to>.onnx beside it)")
+    parser.add_argument(
+        "--calib", help="sample inputs: tensors whose observed range exceeds fp16 keep float32 (optional)"
+    )
+    parser.add_argument(
+        "--low-precision-io", action="store_true", help="graph inputs and outputs take the new type too"
+    )
+
+
 def _add_emulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="quantized .onnx model with FP4/MXFP8 parts (never modified)")
     parser.add_argument("-o", "--output", help="output path (default: <input stem>.emulated.onnx beside it)")
@@ -230,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compare": _run_compare,
             "emulate": _run_emulate,
             "build": _run_build,
+            "convert": _run_convert,
         }
         return commands[args.command](args)
     except OnnxqError as error:
@@ -311,6 +341,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         zero_point=args.zero_point,
         quantize_lm_head=args.quantize_lm_head,
         int4_accuracy_level=args.int4_accuracy_level,
+        high_precision=args.high_precision,
+        low_precision_io=args.low_precision_io,
         progress=sys.stderr.isatty(),
     )
     if args.explain:
@@ -347,6 +379,9 @@ def print_plan(result: QuantizeResult) -> None:
             console.print(f"  {tensor}: {why}", markup=False)
     for note in getattr(result.plan, "notes", []):
         console.print(f"note: {note}", markup=False)
+    if result.conversion is not None:
+        for node, why in sorted(result.conversion.kept_fp32.items()):
+            console.print(f"kept float32: {node}: {why}", markup=False)
 
 
 def print_ranges(result: QuantizeResult) -> None:
@@ -452,6 +487,13 @@ def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: fl
     before = result.insertion.weight_bytes_before + blocks.weight_bytes_before
     after = result.insertion.weight_bytes_after + blocks.weight_bytes_after
     table.add_row("weights quantized", f"{_megabytes(before)} -> {_megabytes(after)}")
+    if result.conversion is not None:
+        conversion = result.conversion
+        table.add_row(
+            "rest converted",
+            f"{conversion.converted_nodes} nodes, {len(conversion.kept_fp32)} kept float32, "
+            f"{_megabytes(conversion.weight_bytes_before)} -> {_megabytes(conversion.weight_bytes_after)}",
+        )
     table.add_row(
         "file size", f"{_megabytes(model_file_size(model))} -> {_megabytes(model_file_size(output))}"
     )
@@ -466,7 +508,7 @@ def _megabytes(size: int) -> str:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from onnxq.compare import compare
+    from onnxq.comparison import compare
 
     result = compare(
         args.reference,
@@ -531,6 +573,22 @@ def _run_build(args: argparse.Namespace) -> int:
     for name, snr in report.snr_db.items():
         console.print(f"SNR {name}: {snr:.2f} dB against --original in ONNX Runtime", markup=False)
     return 0 if report.check_ok else EXIT_CHECK_FAILED
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from onnxq.convert import convert_file
+
+    source = Path(args.model)
+    output = Path(args.output) if args.output else source.with_name(f"{source.stem}.{args.to}.onnx")
+    started = time.perf_counter()
+    report = convert_file(source, output, args.to, low_precision_io=args.low_precision_io, data=args.calib)
+    _console().print(
+        f"onnxq convert -> {output}: {report.converted_nodes} nodes in {args.to}, {len(report.kept_fp32)} kept "
+        f"float32, {report.casts_inserted} casts; weights {_megabytes(report.weight_bytes_before)} -> "
+        f"{_megabytes(report.weight_bytes_after)} ({time.perf_counter() - started:.2f} s)",
+        markup=False,
+    )
+    return 0
 
 
 def _run_emulate(args: argparse.Namespace) -> int:

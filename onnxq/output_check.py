@@ -130,6 +130,8 @@ def _why_ort_cannot_run(model: ir.Model, custom_ops: Sequence[str]) -> str | Non
             if node.domain not in ORT_DOMAINS and (node.domain, node.op_type, node.overload) not in functions:
                 return f"node {node.name!r} is {node.domain}:{node.op_type}, a custom op"
     for value in all_values(model):
+        if value.dtype == ir.DataType.BFLOAT16 and value.producer() is not None:
+            return f"tensor {value.name!r} is computed in bfloat16, which ONNX Runtime's CPU kernels lack"
         if value.dtype in UNRUNNABLE_TYPES:
             return f"tensor {value.name!r} is {value.dtype.name}, which ONNX Runtime's CPU build cannot run"
     return None

@@ -124,3 +124,9 @@ def test_unknown_option_and_mode() -> None:
         onnxq.quantize(model_builders.residual_cnn(), calibration_data={}, colour="blue")
     with pytest.raises(onnxq.OnnxqError, match="unknown mode"):
         onnxq.quantize(model_builders.residual_cnn(), mode="int3")
+
+
+def test_onnxq_compare_stays_the_function_once_its_module_is_imported() -> None:
+    import onnxq.comparison  # a module named like the function would shadow it on the package
+
+    assert callable(onnxq.compare) and onnxq.compare is onnxq.comparison.compare

@@ -517,7 +517,8 @@ def build_torch_model(name: str, model_dir: Path, torch_python: str | None) -> M
         tail = (completed.stderr.strip().splitlines() or ["?"])[-1]
         return f"build failed: {tail[:ERROR_CHARS]}"
     marker.write_text(completed.stdout.strip().splitlines()[-1])
-    return build_torch_model(name, model_dir, None)
+    info = json.loads(marker.read_text())
+    return ModelFiles(name, info["model_path"], info["calib_path"], info["eval_path"], layers)
 
 
 def find_torch_python(requested: str | None) -> str | None:

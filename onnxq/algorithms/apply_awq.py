@@ -56,8 +56,14 @@ def run_awq(model: ir.Model, plan: Plan, data: CalibrationData, settings: Calibr
     nodes = {node.name: node for node in model.graph}
     for activation, choices in groups.items():
         weights = [_weight_kn(nodes[c.node], c.k_axis) for c in choices]
+        first = choices[0]
         result = awq.search(
-            weights, samples[activation], choices[0].algorithm, choices[0].block_size, choices[0].zero_point
+            weights,
+            samples[activation],
+            first.algorithm,
+            first.block_size,
+            first.zero_point,
+            grid=first.int4_grid,
         )
         _apply(model, plan, activation, choices, result)
         summary.errors.append((activation, result.error_rtn, result.error))
@@ -86,12 +92,16 @@ def _weight_kn(node: ir.Node, k_axis: int) -> np.ndarray:
     return np.ascontiguousarray(array.T) if k_axis == 1 else array
 
 
-def _apply(model: ir.Model, plan: Plan, activation: str, choices: list[BlockChoice], result: AwqResult) -> None:
+def _apply(
+    model: ir.Model, plan: Plan, activation: str, choices: list[BlockChoice], result: AwqResult
+) -> None:
     """Scale the weights and the activation (exact in float), keep the clip ratios, note the figures."""
     from onnxq.graph.block_emit import transpose_clip
     from onnxq.graph.input_scaling import apply_input_scale
 
-    gain = 10 * np.log10(result.error_rtn / result.error) if result.error > 0 and result.error_rtn > 0 else 0.0
+    gain = (
+        10 * np.log10(result.error_rtn / result.error) if result.error > 0 and result.error_rtn > 0 else 0.0
+    )
     line = (
         f"AWQ ({choices[0].algorithm}): output MSE {result.error_rtn:.3g} (rtn) -> {result.error:.3g}, "
         f"{gain:.2f} dB better"

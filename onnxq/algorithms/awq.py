@@ -71,11 +71,12 @@ class _Quantizer:
     block_size: int
     zero_point: bool
     full_range: bool
+    grid: str | None = None
 
     def fake(self, weight: np.ndarray, clip_ratio: np.ndarray | None = None) -> np.ndarray:
         """dequantize(quantize(weight)): what the deployed graph computes with."""
         params = int4.weight_params(
-            weight, REDUCTION_AXIS, self.block_size, self.zero_point, self.full_range, clip_ratio
+            weight, REDUCTION_AXIS, self.block_size, self.zero_point, self.full_range, clip_ratio, self.grid
         )
         return int4.dequantize(int4.quantize(weight, params), params)
 
@@ -97,17 +98,18 @@ def search(
     block_size: int,
     zero_point: bool = False,
     full_range: bool = False,
+    grid: str | None = None,
 ) -> AwqResult:
     """Search ``algorithm`` for the group ``weights`` (each [K, N_i]) reading the activation ``sample``.
 
-    ``zero_point`` and ``full_range`` select the INT4 variant as in ``int4.weight_params``. With
+    ``zero_point``, ``full_range`` and ``grid`` select the INT4 variant as in ``int4.weight_params``. With
     awq-full, the clip ratios apply to the scaled weights ``W * s[:, None]``.
     """
     started = time.perf_counter()
     if algorithm not in AWQ_ALGORITHMS:
         raise ValueError(f"unknown AWQ algorithm {algorithm!r}; expected one of {AWQ_ALGORITHMS}")
     group = _checked_weights(weights, sample)
-    quantizer = _Quantizer(int4.check_block_size(block_size), zero_point, full_range)
+    quantizer = _Quantizer(int4.check_block_size(block_size), zero_point, full_range, grid)
     x = np.asarray(sample.rows, np.float32)
     rtn = _Choice(
         None, None, [None] * len(group), _squared_error(x, group, [quantizer.fake(w) for w in group])

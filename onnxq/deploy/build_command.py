@@ -200,7 +200,7 @@ def _example_feed(model: Path, profile: Profile | None) -> dict[str, np.ndarray]
 def _compare(request: BuildRequest) -> dict[str, float]:
     """SNR per output: the engine against the original model in ONNX Runtime, on the same samples."""
     from onnxq.api import input_specs
-    from onnxq.compare import OutputMetrics
+    from onnxq.comparison import OutputMetrics
     from onnxq.deploy.trt_runtime import EngineRunner, run_engine_on_data
     from onnxq.model_io import load_model
     from onnxq.runtime import make_session

@@ -48,6 +48,18 @@ def int4_scale(amax: np.ndarray | float) -> np.ndarray:
     return positive_scale(np.asarray(amax, dtype=np.float32) / np.float32(INT4_MAX))
 
 
+def int4_amax8_scale(amax: np.ndarray | float) -> np.ndarray:
+    """amax / 8: a negative extreme lands on -8 and a positive one saturates at 7 (7/8 of itself): one
+    level more for every other value than amax / 7, with positive scales as TensorRT requires
+    (measured on the benchmark decoder: 10.82 dB against 9.65 dB for amax / 7, RTN)."""
+    return positive_scale(np.asarray(amax, dtype=np.float32) / np.float32(-INT4_MIN))
+
+
+#: symmetric INT4 grids: "amax/7" (codes -7..7), "amax/8" (positive scale, -8..7, a positive extreme
+#: saturates), "full" (the extreme, either sign, lands on -8: ONNX Runtime's quantizer, negative scales)
+INT4_GRIDS = ("amax/7", "amax/8", "full")
+
+
 def int4_full_range_scale(extreme: np.ndarray) -> np.ndarray:
     """extreme / -8: the block's largest-magnitude value lands on code -8 and the other sign keeps 7
     codes, one more level than amax / 7 (ONNX Runtime's MatMul4BitsQuantizer). The scale is negative
@@ -60,7 +72,9 @@ def int4_full_range_scale(extreme: np.ndarray) -> np.ndarray:
 
 def uint4_scale(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """(high - low) / 15: the 16 codes span the block's range (widened to contain 0), none wasted."""
-    return positive_scale((np.asarray(high, np.float32) - np.asarray(low, np.float32)) / np.float32(UINT4_MAX))
+    return positive_scale(
+        (np.asarray(high, np.float32) - np.asarray(low, np.float32)) / np.float32(UINT4_MAX)
+    )
 
 
 def uint4_zero_point(low: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -107,8 +121,12 @@ def weight_params(
     zero_point: bool = False,
     full_range: bool = False,
     clip_ratio: np.ndarray | None = None,
+    grid: str | None = None,
 ) -> BlockParams:
     """Block parameters along ``axis`` (the reduction axis K).
+
+    ``grid`` (one of ``INT4_GRIDS``) chooses the symmetric INT4 scale; without it ``full_range``
+    picks "full" and the default is "amax/7".
 
     Cases: INT4 symmetric ``amax / 7`` (default); INT4 ``full_range`` (:func:`int4_full_range_scale`,
     ONNX Runtime only: negative scales); UINT4 + zero point with ``zero_point``. ``clip_ratio``
@@ -128,10 +146,20 @@ def weight_params(
     if not zero_point:
         # the value of largest magnitude, with its sign; a tie goes to the negative one (as ORT does)
         extreme = np.where(np.abs(high) > np.abs(low), high, low)
-        scale = int4_full_range_scale(extreme) if full_range else int4_scale(np.abs(extreme))
+        scale = _symmetric_scale(extreme, grid or ("full" if full_range else "amax/7"))
         return BlockParams(scale, np.zeros(scale.shape, INT4), granularity)
     scale = uint4_scale(low, high)
     return BlockParams(scale, uint4_zero_point(low, scale), granularity)
+
+
+def _symmetric_scale(extreme: np.ndarray, grid: str) -> np.ndarray:
+    if grid == "full":
+        return int4_full_range_scale(extreme)
+    if grid == "amax/8":
+        return int4_amax8_scale(np.abs(extreme))
+    if grid == "amax/7":
+        return int4_scale(np.abs(extreme))
+    raise ValueError(f"unknown INT4 grid {grid!r}; expected one of {INT4_GRIDS}")
 
 
 def checked_clip_ratio(clip_ratio: np.ndarray, scale_shape: tuple[int, ...]) -> np.ndarray:

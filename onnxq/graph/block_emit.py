@@ -69,18 +69,24 @@ def _release_if_unused(weight: ir.Value | None) -> None:
 
 
 def _emit_weight(
-    model: ir.Model, node: ir.Node, choice: BlockChoice, target: str, stats: BlockEmission, accuracy_level: int
+    model: ir.Model,
+    node: ir.Node,
+    choice: BlockChoice,
+    target: str,
+    stats: BlockEmission,
+    accuracy_level: int,
 ) -> None:
     if choice.weight_format in ("int4", "uint4"):
         if target == "ort":
             record = block_weights.emit_matmul_nbits(
                 model, node, choice.block_size, zero_point=choice.zero_point, clip_ratio=choice.clip_ratio,
-                accuracy_level=accuracy_level,
+                accuracy_level=accuracy_level, grid=choice.int4_grid,
             )  # fmt: skip
         else:
             record = block_weights.emit_dequantize_linear(
-                model, node, choice.block_size, zero_point=choice.zero_point, clip_ratio=choice.clip_ratio
-            )
+                model, node, choice.block_size, zero_point=choice.zero_point, clip_ratio=choice.clip_ratio,
+                grid=choice.int4_grid,
+            )  # fmt: skip
         stats.weight_bytes_before += record.weight_bytes_before
         stats.weight_bytes_after += record.weight_bytes_after
     else:

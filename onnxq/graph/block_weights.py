@@ -116,12 +116,14 @@ def block_quantize(
     zero_point: bool,
     full_range: bool = False,
     clip_ratio: np.ndarray | None = None,
+    grid: str | None = None,
 ) -> tuple[int4.BlockParams, np.ndarray]:
     """(parameters, codes) of the weight, blocks along K, scale rounded to the weight's float type first
     so that the codes are computed with the scale the graph stores (float16 weights: float16 scales).
     ``clip_ratio`` (scale shape, in (0, 1]) narrows each block's range, as AWQ's clip search chose."""
-    extra = {"clip_ratio": clip_ratio} if clip_ratio is not None else {}
-    params = int4.weight_params(matrix.array, matrix.k_axis, block_size, zero_point, full_range, **extra)
+    params = int4.weight_params(
+        matrix.array, matrix.k_axis, block_size, zero_point, full_range, clip_ratio=clip_ratio, grid=grid
+    )
     params = replace(params, scale=stored_scale(params.scale, matrix.array.dtype).astype(np.float32))
     return params, int4.quantize(matrix.array, params)
 
@@ -140,6 +142,7 @@ def emit_dequantize_linear(
     zero_point: bool = False,
     full_range: bool = False,
     clip_ratio: np.ndarray | None = None,
+    grid: str | None = None,
 ) -> BlockWeightRecord:
     """Feed ``node`` an INT4 (UINT4 + zero point with ``zero_point``) weight through a blocked DQ.
 
@@ -149,7 +152,7 @@ def emit_dequantize_linear(
     """
     _require_block_qdq(model)
     matrix = weight_matrix(node)
-    params, codes = block_quantize(matrix, block_size, zero_point, full_range, clip_ratio)
+    params, codes = block_quantize(matrix, block_size, zero_point, full_range, clip_ratio, grid)
     graph = _graph(node)
     forget_names(graph)
     base = matrix.value.name or "weight"
@@ -178,6 +181,7 @@ def emit_matmul_nbits(
     accuracy_level: int = ACCURACY_LEVEL_FLOAT,
     full_range: bool = False,
     clip_ratio: np.ndarray | None = None,
+    grid: str | None = None,
 ) -> BlockWeightRecord:
     """Replace ``node`` by ``com.microsoft.MatMulNBits`` holding the same INT4/UINT4 numbers.
 
@@ -199,7 +203,7 @@ def emit_matmul_nbits(
         raise ValueError(f"{node.name}: {problem}")
     matrix = weight_matrix(node)
     alpha, bias = _gemm_terms(node, matrix.n)
-    params, codes = block_quantize(matrix, block_size, zero_point, full_range, clip_ratio)
+    params, codes = block_quantize(matrix, block_size, zero_point, full_range, clip_ratio, grid)
     graph = _graph(node)
     forget_names(graph)
     base = matrix.value.name or "weight"
