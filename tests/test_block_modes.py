@@ -77,11 +77,11 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 #: the symmetric INT4 grid each target uses (onnxq.placement.block_plan.int4_grid)
-GRIDS = {"tensorrt": "amax/8", "ort": "full"}
+GRIDS = {"tensorrt": "signed", "ort": "full"}
 
 
 def _reference_int4(
-    path: Path, x: np.ndarray, block: int, quantized: tuple[str, ...], grid: str = "amax/8"
+    path: Path, x: np.ndarray, block: int, quantized: tuple[str, ...], grid: str = "signed"
 ) -> np.ndarray:
     """numpy forward pass with the named weights fake-quantized by onnxq.formats.int4 (RTN)."""
     model = onnx.load(path)
@@ -139,7 +139,7 @@ def test_quantize_lm_head_and_a_gemm_head_with_transposed_weight(tmp_path: Path)
     weights = _weights(model)
     quantized = {}
     for name, axis in (("W1", 0), ("W2", 0), ("W3", 1)):
-        params = int4.weight_params(weights[name], axis, 64, grid="amax/8")
+        params = int4.weight_params(weights[name], axis, 64, grid="signed")
         quantized[name] = int4.dequantize(int4.quantize(weights[name], params), params)
     hidden = np.maximum(np.maximum(x @ quantized["W1"], 0) @ quantized["W2"], 0).reshape(-1, HIDDEN)
     expected = hidden @ quantized["W3"].T + weights["bias"]
@@ -373,7 +373,9 @@ def test_awq_beats_rtn_and_is_batch_size_invariant(mlp: Path, tmp_path: Path) ->
     # here 17.4 vs 17.7 dB), awq-full must win clearly (19.1)
     assert snrs["awq-full"] > snrs["rtn"] + 1.0, snrs
     small_batches = tmp_path / "batch1.onnx"
-    onnxq.quantize(mlp, mode="int4", calibration_data=data, output_path=small_batches, calib_batch_size=1)
+    onnxq.quantize(
+        mlp, mode="int4", calibration_data=data, output_path=small_batches, calib_batch_size=1, algo="awq-full"
+    )
     assert small_batches.read_bytes() == (tmp_path / "awq-full.onnx").read_bytes()
 
 

@@ -379,3 +379,24 @@ BAD_RATIOS = [np.zeros((2, 3)), np.full((2, 3), 1.5), np.full((2, 3), np.nan), n
 def test_bad_clip_ratio_is_rejected(ratio: np.ndarray) -> None:
     with pytest.raises(ValueError, match="clip ratio"):
         int4.weight_params(np.ones((200, 3), np.float32), 0, 128, clip_ratio=ratio)
+
+
+@pytest.mark.parametrize(
+    ("grid", "scales"),
+    [
+        # blocks of 4 along axis 0: column 0 has extreme -8.0, column 1 has extreme +7.0 (hand computed)
+        ("amax/7", [[8.0 / 7, 1.0]]),
+        ("amax/8", [[1.0, 7.0 / 8]]),
+        ("signed", [[1.0, 1.0]]),
+        ("full", [[1.0, -7.0 / 8]]),
+    ],
+)
+def test_symmetric_grids_golden(grid: str, scales: list[list[float]]) -> None:
+    w = np.array([[-8.0, 7.0], [1.0, -3.0], [2.0, 0.5], [4.0, -6.0]], dtype=np.float32)
+    params = int4.weight_params(w, 0, 4, grid=grid)
+    np.testing.assert_allclose(params.scale, np.array(scales, dtype=np.float32), rtol=1e-7)
+    restored = int4.dequantize(int4.quantize(w, params), params)
+    if grid == "signed":  # both extremes exact, never clipped
+        assert restored[0, 0] == -8.0 and restored[0, 1] == 7.0
+    with pytest.raises(ValueError, match="unknown INT4 grid"):
+        int4.weight_params(w, 0, 4, grid="amax/6")
