@@ -12,7 +12,7 @@ MODES = ("int8", "fp8", "int4", "nvfp4", "nvfp4-w4a16", "w4a8", "int4-w4a8", "mx
 #: weight algorithms for the INT4 modes (AWQ needs calibration data; rtn does not)
 ALGORITHMS = ("rtn", "awq-lite", "awq-clip", "awq-full")
 #: the default INT4 weight algorithm when calibration data is given (see README, "Block formats")
-DEFAULT_ALGORITHM = "awq-clip"
+DEFAULT_ALGORITHM = "awq-full"
 #: INT4 block size along the reduction axis
 DEFAULT_INT4_BLOCK_SIZE = 128
 #: deployment targets, one placement rule set each in patterns/

@@ -127,7 +127,7 @@ VARIANTS: tuple[Variant, ...] = (
     _onnxq("nvfp4", "nvfp4"),
     _onnxq("nvfp4-w4a16", "nvfp4-w4a16"),
     _onnxq("w4a8", "w4a8"),
-    _onnxq("int4-w4a8", "int4-w4a8"),
+    _onnxq("int4-w4a8", "int4-w4a8", "awq-full"),
     _onnxq("mxfp8", "mxfp8"),
     _onnxq("int8", "int8"),
     _onnxq("fp8", "fp8"),
