@@ -144,7 +144,7 @@ def quantize(
     symmetric = rules.activation_symmetric or spec.base != "int8"
     activation_format, weight_format = formats_for(spec.base or "int8", symmetric)
     data = _open_data(working, plan, calibration_data, settings)
-    if data is not None and any(c.algorithm.startswith("awq") for c in plan.blocks):
+    if data is not None and plan.runs_awq():
         from onnxq.algorithms.apply_awq import run_awq
 
         run_awq(working, plan, data, _calibration_settings(settings))
@@ -165,9 +165,10 @@ def quantize(
         save_model(working, output_path, custom_ops=settings.ort_custom_ops)
         timer.lap("save")
     path = Path(output_path) if output_path is not None else None
-    result = QuantizeResult(working, plan, ranges, path, insertion, timer.laps, blocks, conversion=conversion)
-    result.algorithm = algorithm if spec.block_weight == "int4" else ""
-    return result
+    return QuantizeResult(
+        working, plan, ranges, path, insertion, timer.laps, blocks,
+        algorithm=algorithm if spec.block_weight == "int4" else "", conversion=conversion,
+    )  # fmt: skip
 
 
 def high_precision_for(settings: QuantizeOptions) -> str:
@@ -185,29 +186,9 @@ def _convert_rest(
     if precision == "fp32":
         return None
     amax = {t: r.stats.amax for t, r in ranges.items() if r.stats.has_data}
-    report = convert_float_precision(
-        model, precision, tensor_ranges=amax, low_precision_io=settings.low_precision_io,
-        keep_nodes=_dynamic_quantize_chains(model),
-    )  # fmt: skip
-    model.ir_version = max(model.ir_version, settings.ir_version)
-    return report
-
-
-def _dynamic_quantize_chains(model: ir.Model) -> list[str]:
-    """TensorRT's dynamic quantizers and the DequantizeLinear chains after them stay float32: their
-    global scale is one float32 value shared by the quantizer and the scale's DequantizeLinear."""
-    names: list[str] = []
-    for node in model.graph:
-        if node.domain != "trt":
-            continue
-        names.append(node.name or "")
-        pending = list(node.outputs)
-        while pending:
-            for use in pending.pop().uses():
-                if use.node.op_type in ("DequantizeLinear", "TRT_MXFP8DequantizeLinear"):
-                    names.append(use.node.name or "")
-                    pending += list(use.node.outputs)
-    return names
+    return convert_float_precision(
+        model, precision, tensor_ranges=amax, low_precision_io=settings.low_precision_io
+    )
 
 
 def _algorithm(spec: ModeSpec, asked: str | None, has_data: bool) -> str:
@@ -400,8 +381,7 @@ def _open_data(model: ir.Model, plan: Plan, source: Any, settings: QuantizeOptio
     Activations to calibrate without data: refused (a cache is checked against the data's fingerprint,
     so it needs the data too)."""
     tensors = plan.activation_tensors() + plan.dynamic_activation_tensors()
-    awq = any(c.algorithm.startswith("awq") for c in plan.blocks)
-    if not tensors and not awq:
+    if not tensors and not plan.runs_awq():
         return None
     if source is None:
         raise OnnxqError(

@@ -598,12 +598,8 @@ def _run_emulate(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else source.with_name(f"{source.stem}.emulated.onnx")
     started = time.perf_counter()
     stats = emulate_file(source, output)
-    what = (
-        f"{stats.folded_weights} weights folded, {stats.nvfp4_activations} NVFP4 and "
-        f"{stats.mxfp8_quantizers} MXFP8 activation quantizers rewritten"
-    )
     _console().print(
-        f"onnxq emulate -> {output}: {what} ({time.perf_counter() - started:.2f} s)", markup=False
+        f"onnxq emulate -> {output}: {stats.describe()} ({time.perf_counter() - started:.2f} s)", markup=False
     )
     return 0
 

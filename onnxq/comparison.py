@@ -166,13 +166,7 @@ def _emulated(model: ir.Model, folder: Path) -> tuple[str, ir.Model]:
     stats = emulate(model)
     path = folder / "emulated.onnx"
     ir.save(model, path, external_data="emulated.onnx.data")
-    parts = {
-        "FP4/MXFP8 weights": stats.folded_weights,
-        "NVFP4 activations": stats.nvfp4_activations,
-        "MXFP8 activations": stats.mxfp8_quantizers,
-    }
-    described = ", ".join(f"{count} {what}" for what, count in parts.items() if count)
-    return described, load_model(path)
+    return stats.describe(), load_model(path)
 
 
 def _check_same_inputs(reference: list[InputSpec], quantized: list[InputSpec]) -> None:

@@ -81,6 +81,15 @@ class EmulationStats:
     mxfp8_quantizers: int = 0
     mxfp8_dequantizers: int = 0
 
+    def describe(self) -> str:
+        """What was emulated, for a line in the terminal ("" when nothing was)."""
+        parts = {
+            "FP4/MXFP8 weights folded": self.folded_weights,
+            "NVFP4 activation quantizers": self.nvfp4_activations,
+            "MXFP8 activation quantizers": self.mxfp8_quantizers,
+        }
+        return ", ".join(f"{count} {what}" for what, count in parts.items() if count)
+
 
 def needs_emulation(model: ir.Model) -> bool:
     """Whether ONNX Runtime CPU would refuse ``model``: FP4/E8M0 tensors or trt ops anywhere."""

@@ -314,22 +314,16 @@ def quantize_in_child(job: QuantJob, model: str, python: str, work_dir: Path) ->
     if outcome.ok and not Path(job.output_path).exists():
         outcome.ok, outcome.error = False, "no output model written"
     if outcome.ok:
-        outcome.output_mb = model_size_bytes(Path(job.output_path)) / BYTES_PER_MB
+        outcome.output_mb = model_file_size(Path(job.output_path)) / BYTES_PER_MB
     return outcome
 
 
-def model_size_bytes(path: Path) -> int:
-    """Size of an ONNX file plus the external data files it references."""
-    import onnx
+def model_file_size(path: Path) -> int:
+    """onnxq's own count (the file plus its external data), imported here because the HQQ worker runs
+    under a Python that has torch but not onnxq."""
+    from onnxq.model_io import model_file_size as size_on_disk
 
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(model)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return path.stat().st_size + sum((path.parent / location).stat().st_size for location in locations)
+    return size_on_disk(path)
 
 
 def logits_projections(model_path: str) -> list[str]:
@@ -700,7 +694,7 @@ def run_big_part(out_dir: Path, torch_python: str | None) -> tuple[ModelFiles | 
     built = build_torch_model(BIG_MODEL, out_dir / "models", torch_python)
     if isinstance(built, str):
         return built, [], 0.0
-    size_mb = model_size_bytes(Path(built.model_path)) / BYTES_PER_MB
+    size_mb = model_file_size(Path(built.model_path)) / BYTES_PER_MB
     outcomes = [
         quantize_variant(built, VARIANTS_BY_KEY[key], out_dir, torch_python, external_data=True)
         for key in BIG_VARIANTS
@@ -874,7 +868,7 @@ def render_report(results: BenchResults, command: str) -> str:
     parts += [f"- {line}" for line in results.environment]
     for name, outcomes in results.snr.items():
         model = results.models[name]
-        size_mb = model_size_bytes(Path(model.model_path)) / BYTES_PER_MB
+        size_mb = model_file_size(Path(model.model_path)) / BYTES_PER_MB
         parts += [
             "",
             f"## {name} ({model.layers} layers, {size_mb:.0f} MB FP32): output SNR on held-out samples",

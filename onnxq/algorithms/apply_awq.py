@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.algorithms import awq
 from onnxq.algorithms.awq import AwqResult
 from onnxq.calibration.calibrator import CalibrationSettings
 from onnxq.calibration.data import CalibrationData
@@ -44,7 +45,6 @@ class AwqSummary:
 
 def run_awq(model: ir.Model, plan: Plan, data: CalibrationData, settings: CalibrationSettings) -> AwqSummary:
     """Search and apply AWQ for every INT4 choice whose algorithm is an AWQ one; ``model`` changes in place."""
-    from onnxq.algorithms import awq
     from onnxq.calibration.activation_samples import collect_activation_samples
 
     groups = _groups([c for c in plan.blocks if c.algorithm in awq.AWQ_ALGORITHMS])
@@ -78,7 +78,8 @@ def run_awq(model: ir.Model, plan: Plan, data: CalibrationData, settings: Calibr
 
 
 def _groups(choices: list[BlockChoice]) -> dict[str, list[BlockChoice]]:
-    """Choices by activation, for the same algorithm, block size and zero point (one search each)."""
+    """Choices by the activation they read (one search each; one run uses one algorithm, block size and
+    zero point for every choice, so the first choice of a group speaks for all)."""
     groups: dict[str, list[BlockChoice]] = {}
     for choice in choices:
         groups.setdefault(choice.activation, []).append(choice)

@@ -20,7 +20,6 @@ import onnx_ir as ir
 
 from onnxq.calibration.calibrator import TensorRange
 from onnxq.graph import block_weights, fp4_weights
-from onnxq.graph.passes import values_by_name
 from onnxq.placement.block_plan import BlockChoice
 
 #: MatMulNBits ``accuracy_level`` for the ORT target: 4 quantizes A to int8 per block inside the kernel,
@@ -112,7 +111,8 @@ def _emit_activation(
         return
     from onnxq.graph import dynamic_quantize
 
-    value = values_by_name(graph)[choice.activation]
+    value = node.inputs[0]  # the activation the plan names: the GEMM's input A
+    assert value is not None and value.name == choice.activation
     if choice.activation_format == "nvfp4":
         found = ranges[choice.activation]
         amax = float(max(abs(found.chosen_low), abs(found.chosen_high)))

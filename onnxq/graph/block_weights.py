@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxq.formats import int4
 from onnxq.formats.granularity import block_size_problem
-from onnxq.graph.passes import forget_names, unique_name
+from onnxq.graph.passes import add_initializer, forget_names, unique_name
 from onnxq.graph.qdq import scale_in_type
 
 MATMULNBITS_DOMAIN = "com.microsoft"
@@ -157,11 +157,11 @@ def emit_dequantize_linear(
     forget_names(graph)
     base = matrix.value.name or "weight"
     stored = [
-        _initializer(graph, f"{base}_quantized", codes),
-        _initializer(graph, f"{base}_scale", params.scale.astype(matrix.array.dtype)),  # already rounded
+        add_initializer(graph, f"{base}_quantized", codes),
+        add_initializer(graph, f"{base}_scale", params.scale.astype(matrix.array.dtype)),  # already rounded
     ]
     if zero_point:
-        stored.append(_initializer(graph, f"{base}_zero_point", params.zero_point))
+        stored.append(add_initializer(graph, f"{base}_zero_point", params.zero_point))
     dequantize = ir.node(
         "DequantizeLinear", stored, attributes=params.granularity.qdq_attributes(2),
         name=unique_name(graph, f"{base}_DequantizeLinear"),
@@ -213,18 +213,20 @@ def emit_matmul_nbits(
     blocks = int4.padded_blocks(unsigned, matrix.k_axis, block_size, zero)
     scales = np.moveaxis(params.scale, matrix.k_axis, -1) * np.float32(alpha)
     stored = [
-        _initializer(graph, f"{base}_packed", int4.pack_nibbles(blocks)),
-        _initializer(graph, f"{base}_scales", stored_scale(scales, float_type)),
+        add_initializer(graph, f"{base}_packed", int4.pack_nibbles(blocks)),
+        add_initializer(graph, f"{base}_scales", stored_scale(scales, float_type)),
     ]
     if zero_point:
         # [N, ceil(n_blocks / 2)], an odd tail filled with 8 as ONNX Runtime's own quantizer writes it
         packed_zero = int4.pack_nibbles(
             np.moveaxis(zero, matrix.k_axis, -1), int4.MATMULNBITS_DEFAULT_ZERO_POINT
         )
-        stored.append(_initializer(graph, f"{base}_zero_points", packed_zero))
+        stored.append(add_initializer(graph, f"{base}_zero_points", packed_zero))
     inputs: list[ir.Value | None] = [node.inputs[0], *stored]
     if bias is not None:
-        inputs += [None] * (5 - len(inputs)) + [_initializer(graph, f"{base}_bias", bias.astype(float_type))]
+        inputs += [None] * (5 - len(inputs)) + [
+            add_initializer(graph, f"{base}_bias", bias.astype(float_type))
+        ]
     attributes = {"K": matrix.k, "N": matrix.n, "bits": 4, "block_size": block_size}
     attributes["accuracy_level"] = accuracy_level
     fused = ir.node(
@@ -274,16 +276,6 @@ def _graph(node: ir.Node) -> ir.Graph:
     if not isinstance(graph, ir.Graph):
         raise ValueError(f"{node.name} is not in a graph")
     return graph
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, name)
-    tensor = ir.tensor(np.array(array, order="C"), name=name)
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _record(

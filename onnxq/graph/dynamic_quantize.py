@@ -36,7 +36,7 @@ import onnx_ir as ir
 from onnxq.errors import OnnxqError
 from onnxq.formats.mxfp8 import MXFP8_BLOCK_SIZE
 from onnxq.formats.nvfp4 import NVFP4_BLOCK_SIZE, nvfp4_global_scale
-from onnxq.graph.passes import forget_names, insert_after_producer, unique_name
+from onnxq.graph.passes import add_initializer, forget_names, insert_after_producer, unique_name
 
 TRT_DOMAIN = "trt"
 TRT_OPSET_VERSION = 1
@@ -91,7 +91,9 @@ def insert_nvfp4_activation(
     _require(value, "nvfp4")
     forget_names(graph)
     base = value.name or "activation"
-    global_scale = _initializer(graph, f"{base}_global_scale", nvfp4_global_scale(amax))
+    global_scale = add_initializer(
+        graph, f"{base}_global_scale", np.asarray(nvfp4_global_scale(amax), np.float32)
+    )
     quantize = _node(
         graph, FP4_DYNAMIC_QUANTIZE, f"{base}_FP4DynamicQuantize", [value, global_scale],
         {"axis": ACTIVATION_AXIS, "block_size": NVFP4_BLOCK_SIZE, "scale_type": ir.DataType.FLOAT8E4M3FN.value},
@@ -202,11 +204,3 @@ def _name_and_type(
     value.name = unique_name(graph, name)
     value.type = ir.TensorType(dtype)
     value.shape = ir.Shape(shape) if shape is not None else None
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, name)
-    tensor = ir.tensor(np.array(array, dtype=np.float32), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(()), type=ir.TensorType(ir.DataType.FLOAT), const_value=tensor)
-    graph.register_initializer(value)
-    return value

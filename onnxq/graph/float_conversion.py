@@ -227,15 +227,40 @@ def _keep_reasons(
         )
     reasons = {}
     exact = _integer_arithmetic(model.graph)
+    dynamic = _dynamic_quantize_chains(model.graph)
     for node in model.graph:
         if not _float32_tensors(node):
             continue
         reason = _keep_reason(model, node, target, ranges, listed, keep_nodes)
         if reason is None and node in exact:
             reason = INTEGER_ARITHMETIC_REASON
+        if reason is None and node in dynamic:
+            reason = DYNAMIC_QUANTIZE_REASON
         if reason:
             reasons[node.name or ""] = reason
     return reasons
+
+
+DYNAMIC_QUANTIZE_REASON = (
+    "TensorRT dynamic quantization (NVFP4/MXFP8) and its dequantization: the float32 global scale is "
+    "shared by the quantizer and the scale's DequantizeLinear; TensorRT's form casts before the GEMM"
+)
+
+
+def _dynamic_quantize_chains(graph: ir.Graph) -> set[ir.Node]:
+    """TensorRT's dynamic quantizers (domain ``trt``) and the DequantizeLinear chains after them."""
+    chained: set[ir.Node] = set()
+    for node in graph:
+        if node.domain != TRT_DOMAIN:
+            continue
+        chained.add(node)
+        pending = list(node.outputs)
+        while pending:
+            for use in pending.pop().uses():
+                if use.node.op_type in DEQUANTIZE_OPS and use.node not in chained:
+                    chained.add(use.node)
+                    pending += list(use.node.outputs)
+    return chained
 
 
 INTEGER_ARITHMETIC_REASON = (
@@ -243,6 +268,8 @@ INTEGER_ARITHMETIC_REASON = (
     "float16 counts exactly only up to 2048"
 )
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+TRT_DOMAIN = "trt"
+DEQUANTIZE_OPS = frozenset({"DequantizeLinear", "TRT_MXFP8DequantizeLinear"})
 
 
 def _integer_arithmetic(graph: ir.Graph) -> set[ir.Node]:

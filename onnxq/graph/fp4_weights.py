@@ -35,7 +35,7 @@ from onnxq.formats.e8m0 import e8m0_to_float32
 from onnxq.formats.granularity import Granularity
 from onnxq.formats.mxfp8 import MXFP8_BLOCK_SIZE, MXFP8_MIN_OPSET, quantize_mxfp8
 from onnxq.formats.nvfp4 import NVFP4_BLOCK_SIZE, NVFP4_MIN_IR_VERSION, NVFP4_MIN_OPSET, quantize_nvfp4
-from onnxq.graph.passes import forget_names, unique_name, upgrade_opset
+from onnxq.graph.passes import add_initializer, forget_names, unique_name, upgrade_opset
 
 BlockFormat = Literal["nvfp4", "mxfp8"]
 BLOCK_SIZE: dict[str, int] = {"nvfp4": NVFP4_BLOCK_SIZE, "mxfp8": MXFP8_BLOCK_SIZE}
@@ -136,9 +136,9 @@ def insert_nvfp4_weight(
     q = quantize_nvfp4(value.const_value.numpy().astype(np.float32), k_axis)
     forget_names(graph)
     base = value.name or "weight"
-    values = _initializer(graph, f"{base}_fp4", q.values)
-    block_scales = _initializer(graph, f"{base}_block_scale", q.block_scales)
-    global_scale = _initializer(graph, f"{base}_global_scale", q.global_scale)
+    values = add_initializer(graph, f"{base}_fp4", q.values)
+    block_scales = add_initializer(graph, f"{base}_block_scale", q.block_scales)
+    global_scale = add_initializer(graph, f"{base}_global_scale", q.global_scale)
     scale_dq = _node(graph, f"{base}_scale_DequantizeLinear", [block_scales, global_scale], {})
     scale_dq.outputs[0].name = unique_name(graph, f"{base}_scale")
     _typed(scale_dq.outputs[0], ir.DataType.FLOAT, q.block_scales.shape)
@@ -156,8 +156,8 @@ def insert_mxfp8_weight(
     q = quantize_mxfp8(value.const_value.numpy().astype(np.float32), k_axis)
     forget_names(graph)
     base = value.name or "weight"
-    values = _initializer(graph, f"{base}_fp8", q.values)
-    scales = _initializer(graph, f"{base}_scale", q.scales)
+    values = add_initializer(graph, f"{base}_fp8", q.values)
+    scales = add_initializer(graph, f"{base}_scale", q.scales)
     attributes = Granularity.block(k_axis, q.block_size).qdq_attributes(2)
     # without output_dtype the output would take the scale's type, E8M0, which the checker rejects
     attributes["output_dtype"] = ir.DataType.FLOAT.value
@@ -230,16 +230,6 @@ def _node(
 def _typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | tuple[int, ...] | None) -> None:
     value.type = ir.TensorType(dtype)
     value.shape = ir.Shape(shape) if isinstance(shape, tuple) else shape
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, name)
-    tensor = ir.tensor(np.array(array, order="C"), name=name)  # ascontiguousarray would make 0-d arrays 1-d
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
 
 
 # --- emulation -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph.passes import forget_names, unique_name
+from onnxq.graph.passes import add_initializer, forget_names, unique_name
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 GEMM_OPS = ("MatMul", "Gemm")
@@ -411,7 +411,7 @@ def _insert_mul(value: ir.Value, consumers: list[ir.Node], scale: np.ndarray) ->
     forget_names(graph)
     base = value.name or "activation"
     dtype = value.dtype.numpy() if value.dtype is not None else _weight_dtype(consumers[0])
-    inverse = _add_initializer(graph, f"{base}_inverse_input_scale", (1.0 / scale).astype(dtype))
+    inverse = add_initializer(graph, f"{base}_inverse_input_scale", (1.0 / scale).astype(dtype))
     mul = ir.node("Mul", [value, inverse], name=unique_name(graph, f"{base}_input_scale_Mul"))
     output = mul.outputs[0]
     output.name = unique_name(graph, f"{base}_input_scaled")
@@ -450,16 +450,6 @@ def _apply(edit: ConstantEdit) -> None:
     graph = edit.readers[0][0].graph
     assert isinstance(graph, ir.Graph)
     forget_names(graph)
-    copy = _add_initializer(graph, f"{value.name or 'constant'}_input_scaled", edit.array)
+    copy = add_initializer(graph, f"{value.name or 'constant'}_input_scaled", edit.array)
     for node, index in edit.readers:
         node.replace_input_with(index, copy)
-
-
-def _add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, base)
-    tensor = ir.tensor(np.array(array, order="C"), name=name)  # ascontiguousarray would make 0-d arrays 1-d
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value

@@ -244,10 +244,8 @@ def _fold_pair(graph: ir.Graph, conv: ir.Node, batch_norm: ir.Node) -> None:
     conv_bias = _array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else 0.0
     new_weight = (weight * factor.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
     new_bias = ((conv_bias - mean) * factor + bias).astype(weight.dtype)
-    weight_value = _new_initializer(
-        graph, f"{conv.name or conv.outputs[0].name}_bn_folded_weight", new_weight
-    )
-    bias_value = _new_initializer(graph, f"{conv.name or conv.outputs[0].name}_bn_folded_bias", new_bias)
+    weight_value = add_initializer(graph, f"{conv.name or conv.outputs[0].name}_bn_folded_weight", new_weight)
+    bias_value = add_initializer(graph, f"{conv.name or conv.outputs[0].name}_bn_folded_bias", new_bias)
     conv.replace_input_with(1, weight_value)
     if len(conv.inputs) > 2:
         conv.replace_input_with(2, bias_value)
@@ -267,12 +265,14 @@ def _array(value: ir.Value | None) -> np.ndarray:
     return value.const_value.numpy()
 
 
-def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array`` under a unique name derived from ``name``, typed and shaped."""
     name = unique_name(graph, name)
+    stored = np.array(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+    tensor = ir.tensor(stored, name=name)
     value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        name=name, shape=ir.Shape(stored.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
     )
-    value.const_value = ir.tensor(array, name=name)
     graph.register_initializer(value)
     return value
 

@@ -20,7 +20,13 @@ import onnx_ir as ir
 
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
-from onnxq.graph.passes import forget_names, insert_after_producer, unique_name, values_by_name
+from onnxq.graph.passes import (
+    add_initializer,
+    forget_names,
+    insert_after_producer,
+    unique_name,
+    values_by_name,
+)
 from onnxq.placement.plan import QuantizedTensor
 
 #: float types that QuantizeLinear/DequantizeLinear accept only from opset 19 (scale of the same type)
@@ -144,8 +150,8 @@ def _quantize_activation(
     fmt: NumberFormat,
 ) -> None:
     base = value.name or "tensor"
-    scale = _constant(graph, f"{base}_scale", scale_in_type(params.scale, _float_dtype(value)))
-    zero_point = _constant(graph, f"{base}_zero_point", params.zero_point.astype(fmt.numpy_dtype))
+    scale = add_initializer(graph, f"{base}_scale", scale_in_type(params.scale, _float_dtype(value)))
+    zero_point = add_initializer(graph, f"{base}_zero_point", params.zero_point.astype(fmt.numpy_dtype))
     quantize = ir.node(
         "QuantizeLinear", [value, scale, zero_point], name=unique_name(graph, f"{base}_QuantizeLinear")
     )
@@ -177,9 +183,9 @@ def _quantize_weight(
     weight32 = weight.astype(np.float32)
     # codes are computed with the scale as stored (float16 rounds it), so DQ gives back these very values
     params = params_in_type(fmt.weight_params(weight32, axis), weight.dtype)
-    quantized = _constant(graph, f"{value.name}_quantized", fmt.quantize(weight32, params))
-    scale = _constant(graph, f"{value.name}_scale", params.scale)
-    zero_point = _constant(graph, f"{value.name}_zero_point", params.zero_point.astype(fmt.numpy_dtype))
+    quantized = add_initializer(graph, f"{value.name}_quantized", fmt.quantize(weight32, params))
+    scale = add_initializer(graph, f"{value.name}_scale", params.scale)
+    zero_point = add_initializer(graph, f"{value.name}_zero_point", params.zero_point.astype(fmt.numpy_dtype))
     attributes = {"axis": params.axis} if params.axis is not None else {}
     dequantize = ir.node(
         "DequantizeLinear", [quantized, scale, zero_point], attributes=attributes,
@@ -204,16 +210,6 @@ def _release(value: ir.Value) -> None:
         tensor.release()
     if not value.uses() and value.graph is not None and not value.is_graph_output():
         value.graph.initializers.pop(value.name or "", None)
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, name)
-    tensor = ir.tensor(np.array(array, order="C"), name=name)  # ascontiguousarray would make 0-d arrays 1-d
-    value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def _float_dtype(value: ir.Value) -> np.dtype:

@@ -88,6 +88,10 @@ class Plan:
         names = (u.tensor for d in self.decisions for u in d.uses if u.role == "activation")
         return list(dict.fromkeys(names))
 
+    def runs_awq(self) -> bool:
+        """Whether any block weight is searched by AWQ (which reads the calibration data)."""
+        return any(c.algorithm.startswith("awq") for c in self.blocks)
+
     def dynamic_activation_tensors(self) -> list[str]:
         """Activations quantized per block at run time whose global scale needs calibration (NVFP4)."""
         return list(dict.fromkeys(c.activation for c in self.blocks if c.activation_format == "nvfp4"))
