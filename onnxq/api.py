@@ -37,7 +37,14 @@ from onnxq.graph import passes, prequantized
 from onnxq.graph.block_emit import DEFAULT_ACCURACY_LEVEL, BlockEmission, emit_blocks
 from onnxq.graph.float_conversion import HIGH_PRECISIONS, ConversionReport, convert_float_precision
 from onnxq.graph.qdq import LOW_PRECISION_FLOATS, InsertionStats, insert_qdq, required_opset
-from onnxq.model_io import DEFAULT_IR_VERSION, check_output_path, load_model, referenced_files, save_model
+from onnxq.model_io import (
+    DEFAULT_IR_VERSION,
+    check_output_path,
+    external_tensors,
+    load_model,
+    referenced_files,
+    save_model,
+)
 from onnxq.modes import ModeSpec, check_mode_options, mode_spec
 from onnxq.placement.block_plan import BlockOptions, apply_mode, refresh_reasons
 from onnxq.placement.plan import Plan
@@ -131,6 +138,8 @@ def quantize(
     _check_output_path(model, output_path, calibration_data, settings)
     algorithm = _algorithm(spec, settings.algo, calibration_data is not None)
     working = load_model(model)
+    # an input saved with external data gives an output saved so, whatever the conversions did to it
+    external_input = any(True for _ in external_tensors(working))
     prequantized.refuse_unless_kept(working, prequantized.model_label(model), settings.keep_quantized)
     _prepare(working, settings, spec)
     timer.lap("prepare")
@@ -161,8 +170,13 @@ def quantize(
     conversion = _convert_rest(working, settings, ranges)
     if conversion is not None:
         timer.lap("convert")
+    # inference sees further through the finished graph (shapes set since the first repair): a declared
+    # output shape it now contradicts would fail the strict checker
+    plan.notes.extend(passes.repair_declared_shapes(working))
     if output_path is not None:
-        save_model(working, output_path, custom_ops=settings.ort_custom_ops)
+        save_model(
+            working, output_path, custom_ops=settings.ort_custom_ops, external_data=external_input or None
+        )
         timer.lap("save")
     path = Path(output_path) if output_path is not None else None
     return QuantizeResult(
@@ -171,11 +185,15 @@ def quantize(
     )  # fmt: skip
 
 
+#: the rest's type when none is asked for: TensorRT's strongly typed builds run every non-quantized
+#: layer in the model's own type, so a float32 rest would make the quantized engine slower than plain
+#: FP16; ONNX Runtime's CPU integer kernels read float32 around them
+DEFAULT_HIGH_PRECISION = {"tensorrt": "fp16", "ort": "fp32"}
+
+
 def high_precision_for(settings: QuantizeOptions) -> str:
-    """The rest's type: as asked, else float32. TensorRT's strongly typed builds run the rest in the
-    model's own types, so ``--high-precision fp16`` is what a TensorRT deployment wants; it is not the
-    default yet (the tests of every TensorRT-target placement compare float32 graphs)."""
-    return settings.high_precision or "fp32"
+    """The rest's type: as asked, else the target's default."""
+    return settings.high_precision or DEFAULT_HIGH_PRECISION.get(settings.target, "fp32")
 
 
 def _convert_rest(

@@ -98,8 +98,10 @@ def _load_in_ort(path: Path, model: ir.Model, custom_ops: Sequence[str]) -> None
     options.intra_op_num_threads = 1  # a load, not a run
     # a load check: pre-packed weights would be a second copy of every weight for nothing
     options.add_session_config_entry("session.disable_prepacking", "1")
-    if has_float8(model):
-        # ORT 1.32 CPU's extended fusions miscompute FP8 Q/DQ graphs; every onnxq session runs them at BASIC
+    if has_float8(model) or has_half_precision(model):
+        # ORT 1.32 CPU's extended fusions miscompute FP8 Q/DQ graphs, its QLinear* fusions refuse
+        # float16/bfloat16 scales (a valid graph: TensorRT's FP16 rest), and its level-3 layout passes
+        # crash the process on an emulated FP16 CNN (aecmos_16k, nvfp4-w4a16); all load as written at BASIC
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for library in custom_ops:
         try:
@@ -135,6 +137,11 @@ def _why_ort_cannot_run(model: ir.Model, custom_ops: Sequence[str]) -> str | Non
         if value.dtype in UNRUNNABLE_TYPES:
             return f"tensor {value.name!r} is {value.dtype.name}, which ONNX Runtime's CPU build cannot run"
     return None
+
+
+def has_half_precision(model: ir.Model) -> bool:
+    """Any float16 or bfloat16 tensor, initializer or computed (the FP16/BF16 rest)."""
+    return any(value.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) for value in all_values(model))
 
 
 def has_float8(model: ir.Model) -> bool:

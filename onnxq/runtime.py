@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.model_io import session_model
-from onnxq.output_check import has_float8
+from onnxq.output_check import has_float8, has_half_precision
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,10 @@ def make_session(
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
-    if not fused_kernels or has_float8(model):
+    if not fused_kernels or has_float8(model) or has_half_precision(model):
         # ORT 1.32 CPU's extended graph optimizations change FP8 Q/DQ -> Conv/Add numerics (measured:
-        # 32.3 dB at BASIC vs 11.2 dB at EXTENDED on the same model); BASIC keeps them exact.
+        # 32.3 dB at BASIC vs 11.2 dB at EXTENDED on the same model); BASIC keeps them exact. Its
+        # QLinear* fusions refuse float16 scales and its level-3 passes crash on some FP16 graphs.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for library in custom_ops:
         _register_custom_ops(options, library)

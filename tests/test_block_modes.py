@@ -106,7 +106,7 @@ def test_int4_rtn_matches_the_numpy_reference_and_keeps_the_head_float(
     out = tmp_path / f"int4_{target}.onnx"
     # accuracy level 0: MatMulNBits keeps A in float, so it must equal the reference exactly
     result = onnxq.quantize(
-        mlp, mode="int4", target=target, output_path=out, int4_accuracy_level=0
+        mlp, mode="int4", target=target, output_path=out, int4_accuracy_level=0, high_precision="fp32"
     )  # no data: rtn
     assert result.algorithm == "rtn"
     onnx.checker.check_model(str(out), full_check=True)
@@ -131,7 +131,9 @@ def test_int4_rtn_matches_the_numpy_reference_and_keeps_the_head_float(
 def test_quantize_lm_head_and_a_gemm_head_with_transposed_weight(tmp_path: Path) -> None:
     model = _mlp(tmp_path / "gemm.onnx", gemm_head=True)
     out = tmp_path / "q.onnx"
-    result = onnxq.quantize(model, mode="int4", output_path=out, quantize_lm_head=True, block_size=64)
+    result = onnxq.quantize(
+        model, mode="int4", output_path=out, quantize_lm_head=True, block_size=64, high_precision="fp32"
+    )
     choice = next(c for c in result.plan.blocks if c.node == "head")
     assert choice.k_axis == 1 and choice.block_size == 64
     x = _inputs(2, 3)
@@ -265,7 +267,9 @@ def test_dynamic_block_modes_equal_the_reference_evaluator(
     data = tmp_path / "calib.npz"
     np.savez(data, x=_inputs(5, 8))
     out = tmp_path / f"{mode}.onnx"
-    result = onnxq.quantize(mlp, mode=mode, calibration_data=data, output_path=out, quantize_lm_head=True)
+    result = onnxq.quantize(
+        mlp, mode=mode, calibration_data=data, output_path=out, quantize_lm_head=True, high_precision="fp32"
+    )
     model = onnx.load(out)
     assert model.ir_version >= 11 and model.opset_import[0].version >= opset
     assert [n.op_type for n in model.graph.node].count(dynamic_op) == 3
@@ -483,7 +487,9 @@ def test_high_precision_refusals(mlp: Path, tmp_path: Path) -> None:
     with pytest.raises(OnnxqError, match="float32 scales"):
         onnxq.quantize(mlp, mode="int4", target="ort", output_path=tmp_path / "q.onnx", high_precision="fp16")
     with pytest.raises(OnnxqError, match="needs an fp16 or bf16 rest"):
-        onnxq.quantize(mlp, mode="int4", output_path=tmp_path / "q.onnx", low_precision_io=True)
+        onnxq.quantize(
+            mlp, mode="int4", output_path=tmp_path / "q.onnx", low_precision_io=True, high_precision="fp32"
+        )
     assert not (tmp_path / "q.onnx").exists()
 
 

@@ -73,7 +73,10 @@ def test_float16_model_quantizes_to_a_valid_model(mode: str, target: str) -> Non
     feed = {"x": data[:4]}
     snrs = {}
     for original, x in ((fp16, data), (fp32, data.astype(np.float32))):
-        result = onnxq.quantize(original, mode=mode, target=target, calibration_data={"x": x})
+        # a float32 rest: each model keeps its own float type around the Q/DQ
+        result = onnxq.quantize(
+            original, mode=mode, target=target, calibration_data={"x": x}, high_precision="fp32"
+        )
         proto = ir.serde.serialize_model(result.model)
         onnx.checker.check_model(proto, full_check=True)
         assert result.insertion.weights == 2 and result.insertion.activations >= 2
@@ -92,8 +95,11 @@ def test_float16_model_quantizes_to_a_valid_model(mode: str, target: str) -> Non
 def test_float16_model_is_upgraded_to_opset_19() -> None:
     fp16, fp32, data = twins(seed=101)
     assert onnxq.quantize(fp16, calibration_data={"x": data}).model.opset_imports[""] == 19
-    # a float32 model keeps its opset (17 here): the upgrade is for the float16 Q/DQ only
-    assert onnxq.quantize(fp32, calibration_data={"x": data.astype(np.float32)}).model.opset_imports[""] == 17
+    # a float32 model with a float32 rest keeps its opset (17 here): the upgrade is for float16 Q/DQ only
+    kept = onnxq.quantize(fp32, calibration_data={"x": data.astype(np.float32)}, high_precision="fp32")
+    assert kept.model.opset_imports[""] == 17
+    # TensorRT's default FP16 rest writes float16 Q/DQ: upgraded the same way
+    assert onnxq.quantize(fp32, calibration_data={"x": data.astype(np.float32)}).model.opset_imports[""] == 19
 
 
 def test_float16_weights_are_quantized_per_channel_with_float16_scales() -> None:

@@ -285,7 +285,8 @@ class EntropyCalibration:
 def _clipped_fraction(hist: AbsHistogram, num_quantized_bins: int) -> np.ndarray:
     """Per entropy candidate ``i`` (``num_quantized_bins ..= num_bins``), the share of values above it."""
     kept = np.cumsum(hist.counts)[num_quantized_bins - 1 :]
-    return 1.0 - kept / max(hist.total, 1)
+    # clipped counts first, then one division: ``1 - kept/total`` rounds 1/100 above 0.01
+    return (hist.total - kept) / max(hist.total, 1)
 
 
 def _without_zero_spike(hist: AbsHistogram) -> AbsHistogram:

@@ -413,9 +413,35 @@ def repair_declared_shapes(model: ir.Model) -> list[str]:
                 value.shape = None
     if not declared:
         return []
-    infer_shapes(model)
-    found = []
+    found: list[str] = []
+    # A value inference left unknown may become known once its neighbours' shapes are back (an exporter's
+    # declared shape upstream feeds what inference cannot derive): a second round re-infers those.
+    for round_number in range(1, REPAIR_ROUNDS + 1):
+        infer_shapes(model)
+        unknown = _merge_declared(declared, found)
+        if not unknown or round_number == REPAIR_ROUNDS:
+            break
+        declared = {value: value.shape for value in unknown if value.shape is not None}
+        for value in declared:
+            value.shape = None
+    for note in found:
+        add_note(model, note)
+    if found:
+        logger.info("%d declared shapes contradicted by shape inference were replaced", len(found))
+    return found
+
+
+#: inference rounds of ``repair_declared_shapes``: the first without any declared shape, the second
+#: with the merged shapes back and only the still-unknown values cleared
+REPAIR_ROUNDS = 2
+
+
+def _merge_declared(declared: dict[ir.Value, ir.Shape], found: list[str]) -> list[ir.Value]:
+    """Merge inferred shapes into declared ones (notes for contradictions); the values inferred nothing."""
+    unknown = []
     for value, shape in declared.items():
+        if value.shape is None:
+            unknown.append(value)
         merged = _merged_shape(shape, value.shape)
         if merged is None:  # contradiction: keep what inference says the graph computes
             found.append(
@@ -424,11 +450,7 @@ def repair_declared_shapes(model: ir.Model) -> list[str]:
             )
             continue
         value.shape = merged
-    for note in found:
-        add_note(model, note)
-    if found:
-        logger.info("%d declared shapes contradicted by shape inference were replaced", len(found))
-    return found
+    return unknown
 
 
 def _merged_shape(declared: ir.Shape, inferred: ir.Shape | None) -> ir.Shape | None:

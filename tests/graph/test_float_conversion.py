@@ -388,7 +388,9 @@ def test_fp32_is_a_no_op_and_unknown_precision_is_a_programming_error() -> None:
 )
 def test_quantized_fp16_rest_matches_fp32_rest(mode: str, build_model, inputs) -> None:
     proto = build_model()
-    quantized = onnxq.quantize(proto, mode=mode, calibration_data=inputs(1, 16), target="tensorrt")
+    quantized = onnxq.quantize(
+        proto, mode=mode, calibration_data=inputs(1, 16), target="tensorrt", high_precision="fp32"
+    )
     fp32_rest = ir.serde.serialize_model(quantized.model)
     half, report = converted(fp32_rest)
     assert casts_after_dequantize(half) == []
@@ -407,6 +409,22 @@ def test_quantized_fp16_rest_matches_fp32_rest(mode: str, build_model, inputs) -
     reference = run(proto, feed)[0]
     before, after = snr_db(reference, run(fp32_rest, feed)[0]), snr_db(reference, run(half, feed)[0])
     assert after >= before - QUANTIZED_MARGIN_DB, (before, after)
+
+
+@pytest.mark.parametrize(("target", "rest_type"), [("tensorrt", TensorProto.FLOAT16), ("ort", TensorProto.FLOAT)])
+def test_default_rest_is_fp16_for_tensorrt_and_fp32_for_ort(target: str, rest_type: int) -> None:
+    proto = residual_cnn()
+    quantized = onnxq.quantize(proto, calibration_data=cnn_inputs(1, 16), target=target)
+    saved_model = ir.serde.serialize_model(quantized.model)
+    float_initializers = {
+        t.data_type for t in saved_model.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+    }
+    assert float_initializers == {rest_type}
+    # graph inputs and outputs keep their float32 types either way
+    assert {v.type.tensor_type.elem_type for v in [*saved_model.graph.input, *saved_model.graph.output]} == {
+        TensorProto.FLOAT
+    }
+    assert (quantized.conversion is not None) == (rest_type == TensorProto.FLOAT16)
 
 
 def test_nvfp4_chain_feeds_the_gemm_in_fp16() -> None:
@@ -434,15 +452,31 @@ SMALL_SCALE_DQ = """g (float[N, 4] x) => (float[N, 2] y) {
 
 
 def test_scale_subnormal_in_fp16_keeps_its_dequantize_float32() -> None:
-    scale = np.array([1e-7, 0.02], np.float32)
-    relative_error = abs(float(np.float16(scale[0])) - 1e-7) / 1e-7
+    scale = np.array([1e-7, 3e-7], np.float32)  # every channel small: the largest weight itself moves
+    relative_error = abs(float(np.float16(scale[1])) - 3e-7) / 3e-7
     assert relative_error > FP16.eps  # the reason it must stay float32
-    proto = build(SMALL_SCALE_DQ, {"wq": np.array([[100, -7]] * 4, np.int8), "scale": scale}, opset=19)
+    proto = build(SMALL_SCALE_DQ, {"wq": np.array([[100, -70]] * 4, np.int8), "scale": scale}, opset=19)
     half, report = converted(proto)
     assert "subnormal" in report.kept_fp32["dq"]
     assert elem_types(half)["scale"] == TensorProto.FLOAT
     feed = {"x": np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)}
-    np.testing.assert_allclose(run(half, feed)[0], run(proto, feed)[0], rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(run(half, feed)[0], run(proto, feed)[0], rtol=2e-3, atol=1e-9)
+
+
+def test_dead_channel_with_a_subnormal_scale_converts() -> None:
+    """A channel whose weights are far below the tensor's largest (BatchNorm-folded dead channel):
+    flushing its scale changes nothing a float16 layer resolves, so the DQ feeds the GEMM in fp16."""
+    scale = np.array([1e-24, 0.02], np.float32)
+    assert float(np.float16(scale[0])) == 0.0  # the scale flushes to zero
+    proto = build(SMALL_SCALE_DQ, {"wq": np.array([[100, -7]] * 4, np.int8), "scale": scale}, opset=19)
+    half, report = converted(proto)
+    assert "dq" not in report.kept_fp32
+    assert elem_types(half)["scale"] == TensorProto.FLOAT16
+    assert casts_after_dequantize(half) == []
+    feed = {"x": np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)}
+    reference = run(proto, feed)[0]
+    # the dead column was 1e-22: within float16 rounding of the live one
+    np.testing.assert_allclose(run(half, feed)[0], reference, rtol=2e-3, atol=1e-3 * np.abs(reference).max())
 
 
 def test_dequantize_follows_a_consumer_kept_float32() -> None:

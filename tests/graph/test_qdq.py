@@ -141,6 +141,7 @@ def test_shared_weight_with_excluded_consumer_end_to_end() -> None:
         original,
         calibration_data={"x": rng.standard_normal((8, 16, 8, 8)).astype(np.float32)},
         exclude_nodes="conv_b",
+        high_precision="fp32",
     )
     proto = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(proto, full_check=True)

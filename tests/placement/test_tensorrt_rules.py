@@ -31,6 +31,8 @@ Q, DQ = "QuantizeLinear", "DequantizeLinear"
 
 
 def quantize(model: onnx.ModelProto, data: dict[str, np.ndarray] | None, **options):
+    # placement is read on float32 graphs; the FP16 rest has its own tests (tests/graph/test_float_conversion.py)
+    options.setdefault("high_precision", "fp32")
     result = onnxq.quantize(model, calibration_data=data, **options)
     proto = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(proto, full_check=True)
