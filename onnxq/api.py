@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx.defs
 import onnx_ir as ir
 
 from onnxq import option_checks
@@ -35,7 +36,12 @@ from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
 from onnxq.graph import passes, prequantized
 from onnxq.graph.block_emit import DEFAULT_ACCURACY_LEVEL, BlockEmission, emit_blocks
-from onnxq.graph.float_conversion import HIGH_PRECISIONS, ConversionReport, convert_float_precision
+from onnxq.graph.float_conversion import (
+    DEFAULT_KEEP_FP32_OPS,
+    HIGH_PRECISIONS,
+    ConversionReport,
+    convert_float_precision,
+)
 from onnxq.graph.qdq import LOW_PRECISION_FLOATS, InsertionStats, insert_qdq, required_opset
 from onnxq.model_io import (
     DEFAULT_IR_VERSION,
@@ -93,6 +99,10 @@ class QuantizeOptions:
     int4_accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     #: the type of the non-quantized rest: "fp16" (TensorRT default), "bf16" or "fp32" (ORT default)
     high_precision: str | None = None
+    #: op types kept float32 in an fp16/bf16 rest; None: ``DEFAULT_KEEP_FP32_OPS`` (ops known to overflow)
+    keep_fp32_ops: list[str] | None = None
+    #: node names kept float32 in an fp16/bf16 rest
+    keep_fp32_nodes: list[str] = field(default_factory=list)
     #: with fp16/bf16: graph inputs and outputs take that type too (default: they keep theirs)
     low_precision_io: bool = False
 
@@ -204,9 +214,11 @@ def _convert_rest(
     if precision == "fp32":
         return None
     amax = {t: r.stats.amax for t, r in ranges.items() if r.stats.has_data}
+    keep_ops = DEFAULT_KEEP_FP32_OPS if settings.keep_fp32_ops is None else settings.keep_fp32_ops
     return convert_float_precision(
-        model, precision, tensor_ranges=amax, low_precision_io=settings.low_precision_io
-    )
+        model, precision, tensor_ranges=amax, low_precision_io=settings.low_precision_io,
+        keep_ops=keep_ops, keep_nodes=settings.keep_fp32_nodes,
+    )  # fmt: skip
 
 
 def _algorithm(spec: ModeSpec, asked: str | None, has_data: bool) -> str:
@@ -303,6 +315,17 @@ def _check_high_precision(settings: QuantizeOptions) -> None:
         )
     if settings.low_precision_io and high_precision_for(settings) == "fp32":
         raise OnnxqError("--low-precision-io needs an fp16 or bf16 rest", "add --high-precision fp16")
+    if (settings.keep_fp32_ops is not None or settings.keep_fp32_nodes) and high_precision_for(settings) == "fp32":
+        raise OnnxqError(
+            "--keep-fp32-ops/--keep-fp32-nodes choose float32 islands of an fp16 or bf16 rest, and the rest is fp32",
+            "add --high-precision fp16 or drop them",
+        )
+    unknown_ops = [op for op in settings.keep_fp32_ops or [] if not onnx.defs.has(op)]
+    if unknown_ops:
+        raise OnnxqError(
+            f"--keep-fp32-ops names {unknown_ops[0]!r}, which is not an ONNX operator",
+            "pass ONNX op types such as Softmax,LayerNormalization (case matters)",
+        )
 
 
 def _check_output_path(

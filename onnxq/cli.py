@@ -121,6 +121,7 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with an fp16/bf16 rest: graph inputs and outputs take that type too",
     )
+    _add_keep_fp32(parser)
     parser.add_argument(
         "--int4-accuracy-level",
         type=int,
@@ -242,6 +243,27 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--low-precision-io", action="store_true", help="graph inputs and outputs take the new type too"
     )
+    _add_keep_fp32(parser)
+
+
+def _add_keep_fp32(parser: argparse.ArgumentParser) -> None:
+    from onnxq.graph.float_conversion import DEFAULT_KEEP_FP32_OPS
+
+    parser.add_argument(
+        "--keep-fp32-ops",
+        metavar="OPS",
+        help="op types an fp16/bf16 rest keeps in float32, replacing the default list of ops known to "
+        f"overflow ({','.join(DEFAULT_KEEP_FP32_OPS)}); 'none' keeps none",
+    )
+    parser.add_argument(
+        "--keep-fp32-nodes", metavar="NAMES", help="comma-separated node names an fp16/bf16 rest keeps in float32"
+    )
+
+
+def _keep_fp32_ops(args: argparse.Namespace) -> list[str] | None:
+    if args.keep_fp32_ops is None:
+        return None
+    return [] if args.keep_fp32_ops.strip().lower() == "none" else _split(args.keep_fp32_ops)
 
 
 def _add_emulate(parser: argparse.ArgumentParser) -> None:
@@ -343,6 +365,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         int4_accuracy_level=args.int4_accuracy_level,
         high_precision=args.high_precision,
         low_precision_io=args.low_precision_io,
+        keep_fp32_ops=_keep_fp32_ops(args),
+        keep_fp32_nodes=_split(args.keep_fp32_nodes) or [],
         progress=sys.stderr.isatty(),
     )
     if args.explain:
@@ -577,11 +601,17 @@ def _run_build(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from onnxq.convert import convert_file
+    from onnxq.graph.float_conversion import DEFAULT_KEEP_FP32_OPS
 
     source = Path(args.model)
     output = Path(args.output) if args.output else source.with_name(f"{source.stem}.{args.to}.onnx")
     started = time.perf_counter()
-    report = convert_file(source, output, args.to, low_precision_io=args.low_precision_io, data=args.calib)
+    keep_ops = _keep_fp32_ops(args)
+    report = convert_file(
+        source, output, args.to, low_precision_io=args.low_precision_io, data=args.calib,
+        keep_ops=DEFAULT_KEEP_FP32_OPS if keep_ops is None else keep_ops,
+        keep_nodes=_split(args.keep_fp32_nodes) or [],
+    )  # fmt: skip
     _console().print(
         f"onnxq convert -> {output}: {report.converted_nodes} nodes in {args.to}, {len(report.kept_fp32)} kept "
         f"float32, {report.casts_inserted} casts; weights {_megabytes(report.weight_bytes_before)} -> "

@@ -8,12 +8,14 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.checker
+import onnx.shape_inference
 import pytest
 from model_builders import attention_inputs, cnn_inputs, masked_attention, residual_cnn, run, snr_db
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxq import model_io
+from onnxq.cli import main
 from onnxq.convert import convert_file, observed_ranges
 from onnxq.errors import OnnxqError
 from onnxq.graph.float_conversion import FP16_SAFE_LIMIT
@@ -121,3 +123,53 @@ def test_external_weights_stay_external_when_large(tmp_path: Path, monkeypatch: 
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
     feed = cnn_inputs(5, 4)
     assert snr_db(run(proto, feed)[0], run(onnx.load(tmp_path / "out.onnx"), feed)[0]) >= MIN_FP16_SNR_DB
+
+
+# --- which ops and nodes stay float32: overridable ------------------------------------------------
+
+
+def _node_input_types(path: Path, op_type: str) -> set[int]:
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    return {types[name] for n in inferred.graph.node if n.op_type == op_type for name in n.input if name in types}
+
+
+def test_keep_fp32_ops_replaces_the_default_list(tmp_path: Path) -> None:
+    source = saved(residual_cnn(), tmp_path / "cnn.onnx")
+    default, chosen = tmp_path / "default.onnx", tmp_path / "chosen.onnx"
+    assert main(["convert", str(source), "--to", "fp16", "-o", str(default)]) == 0
+    assert main(["convert", str(source), "--to", "fp16", "-o", str(chosen), "--keep-fp32-ops", "Relu"]) == 0
+    assert _node_input_types(default, "Relu") == {TensorProto.FLOAT16}
+    assert _node_input_types(chosen, "Relu") == {TensorProto.FLOAT}
+    assert _node_input_types(chosen, "Conv") == {TensorProto.FLOAT16}
+
+
+def test_keep_fp32_nodes_in_a_quantized_model(tmp_path: Path) -> None:
+    proto = residual_cnn()
+    for index, node in enumerate(proto.graph.node):
+        node.name = node.name or f"{node.op_type.lower()}_{index}"
+    add = next(n.name for n in proto.graph.node if n.op_type == "Add")
+    source = saved(proto, tmp_path / "cnn.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **cnn_inputs(1, 8))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(source), "--calib", str(calib), "-o", str(out), "--keep-fp32-nodes", add]) == 0
+    assert _node_input_types(out, "Add") == {TensorProto.FLOAT}
+    assert TensorProto.FLOAT16 in _node_input_types(out, "Relu")
+
+
+def test_keep_fp32_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = saved(residual_cnn(), tmp_path / "cnn.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **cnn_inputs(1, 8))
+    out = tmp_path / "q.onnx"
+    cases = [
+        (["--keep-fp32-ops", "Softmax", "--high-precision", "fp32"], "rest is fp32"),
+        (["--keep-fp32-ops", "softmax"], "not an ONNX operator"),
+        (["--keep-fp32-nodes", "no_such_node"], "does not have"),
+    ]
+    for extra, message in cases:
+        assert main(["quantize", str(source), "--calib", str(calib), "-o", str(out), *extra]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and "Traceback" not in error and len(error.splitlines()) == 1, error
+        assert not out.exists()

@@ -217,12 +217,12 @@ def _keep_reasons(
 ) -> dict[str, str]:
     """Node name -> reason, for main-graph nodes with a float32 tensor that must stay float32."""
     listed = (
-        dict(keep_ops) if isinstance(keep_ops, Mapping) else {op: "listed in keep_ops" for op in keep_ops}
+        dict(keep_ops) if isinstance(keep_ops, Mapping) else {op: "op type kept float32 as asked (--keep-fp32-ops)" for op in keep_ops}
     )
     unknown = keep_nodes - {n.name for n in model.graph}
     if unknown:
         raise OnnxqError(
-            f"keep_nodes names {len(unknown)} node(s) the model does not have (e.g. {sorted(unknown)[0]!r})",
+            f"--keep-fp32-nodes names {len(unknown)} node(s) the model does not have (e.g. {sorted(unknown)[0]!r})",
             "pass node names as they appear in the model (see --explain or Netron)",
         )
     reasons = {}
