@@ -18,6 +18,8 @@ import onnx.defs
 import onnx_ir as ir
 
 from onnxq import option_checks
+from onnxq.algorithms.apply_smoothquant import SmoothQuantSummary
+from onnxq.algorithms.smoothquant import Alpha, check_smoothquant_options
 from onnxq.calibration.cache import check_cached_ranges, load_cache, model_hash, save_cache
 from onnxq.calibration.calibrator import (
     DEFAULT_MEMORY_LIMIT_MB,
@@ -105,6 +107,8 @@ class QuantizeOptions:
     keep_fp32_nodes: list[str] = field(default_factory=list)
     #: with fp16/bf16: graph inputs and outputs take that type too (default: they keep theirs)
     low_precision_io: bool = False
+    #: int8/fp8: SmoothQuant before calibration, alpha in [0, 1] or "auto" (searched per GEMM group); None: off
+    smoothquant: float | str | None = None
 
 
 @dataclass
@@ -121,6 +125,8 @@ class QuantizeResult:
     algorithm: str = ""
     #: what the FP16/BF16 conversion of the rest did (None: the rest stayed float32)
     conversion: ConversionReport | None = None
+    #: what SmoothQuant did per GEMM group (None: not asked for)
+    smoothquant: SmoothQuantSummary | None = None
 
     @property
     def calibration(self) -> dict[str, TensorRange]:
@@ -148,6 +154,7 @@ def quantize(
     _check_output_path(model, output_path, calibration_data, settings)
     algorithm = _algorithm(spec, settings.algo, calibration_data is not None)
     working = load_model(model)
+    smoothquant = _smoothquant_alpha(settings, working)
     # an input saved with external data gives an output saved so, whatever the conversions did to it
     external_input = any(True for _ in external_tensors(working))
     prequantized.refuse_unless_kept(working, prequantized.model_label(model), settings.keep_quantized)
@@ -169,6 +176,15 @@ def quantize(
         run_awq(working, plan, data, _calibration_settings(settings))
         refresh_reasons(plan)
         timer.lap("awq")
+    smoothing = None
+    if data is not None and smoothquant is not None:
+        from onnxq.algorithms.apply_smoothquant import run_smoothquant
+
+        smoothing = run_smoothquant(
+            working, plan, data, _calibration_settings(settings), smoothquant,
+            activation_format=activation_format, weight_format=weight_format, symmetric=symmetric,
+        )  # fmt: skip
+        timer.lap("smoothquant")
     ranges = _calibrate(working, plan, data, activation_format, settings, overrides)
     timer.lap("calibrate")
     params = activation_parameters(plan, ranges, activation_format, symmetric)
@@ -192,6 +208,7 @@ def quantize(
     return QuantizeResult(
         working, plan, ranges, path, insertion, timer.laps, blocks,
         algorithm=algorithm if spec.block_weight == "int4" else "", conversion=conversion,
+        smoothquant=smoothing,
     )  # fmt: skip
 
 
@@ -267,6 +284,14 @@ def _check_block_plan(plan: Plan, spec: ModeSpec) -> None:
     )
 
 
+def _smoothquant_alpha(settings: QuantizeOptions, model: ir.Model) -> Alpha | None:
+    """SmoothQuant's alpha (refused in one line: outside [0, 1], a mode it does not serve, no GEMM),
+    None when not asked for. Checked on the loaded model, before anything is written."""
+    if settings.smoothquant is None:
+        return None
+    return check_smoothquant_options(settings.smoothquant, settings.mode, model)
+
+
 def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
     unknown = sorted(set(options) - set(QuantizeOptions.__dataclass_fields__))
     if unknown:
@@ -289,6 +314,8 @@ def _check_options(settings: QuantizeOptions) -> None:
     for library in settings.ort_custom_ops:
         option_checks.check_existing_file("--ort-custom-ops", library, "custom-op library")
     option_checks.check_parent_folder("--calib-cache", settings.calib_cache)
+    if settings.smoothquant is not None:  # alpha and mode now; the model once loaded
+        check_smoothquant_options(settings.smoothquant, settings.mode, None)
     _check_high_precision(settings)
     if settings.int4_accuracy_level not in MATMULNBITS_ACCURACY_LEVELS:
         raise OnnxqError(

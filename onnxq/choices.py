@@ -22,3 +22,5 @@ CALIB_METHODS = ("entropy", "max", "mse", "percentile")
 DEFAULT_CALIB_METHOD = "max"
 #: memory for the tensors one calibration run hands back, in MB
 DEFAULT_CALIB_MEMORY_MB = 512
+#: SmoothQuant's alpha for a bare ``--smoothquant`` (measured: tools/results/bench_smoothquant.md)
+DEFAULT_SMOOTHQUANT_ALPHA = 0.5

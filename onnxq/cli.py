@@ -29,10 +29,12 @@ from onnxq.choices import (
     DEFAULT_CALIB_MEMORY_MB,
     DEFAULT_CALIB_METHOD,
     DEFAULT_INT4_BLOCK_SIZE,
+    DEFAULT_SMOOTHQUANT_ALPHA,
     MODES,
     TARGETS,
 )
 from onnxq.errors import OnnxqError
+from onnxq.report.cli_report import run_report
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
             parents=[common],
         )
     )
+    from onnxq.report.cli_report import add_report_parser
+
+    add_report_parser(commands, parents=[common])
     _add_emulate(
         commands.add_parser(
             "emulate",
@@ -134,6 +139,14 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="block modes: quantize the output projection (lm_head, classifier head) too",
     )
+    parser.add_argument(
+        "--smoothquant",
+        nargs="?",
+        const=str(DEFAULT_SMOOTHQUANT_ALPHA),
+        metavar="ALPHA|auto",
+        help="int8/fp8: SmoothQuant per GEMM input channel before calibration; alpha in [0, 1] "
+        f"(default {DEFAULT_SMOOTHQUANT_ALPHA}) or auto (searched per layer on --calib)",
+    )
     parser.add_argument("--calib", help=".npz file (keys = input names, first axis = samples) or a directory")
     parser.add_argument(
         "--target", choices=TARGETS, default="tensorrt", help="deployment runtime (placement rules)"
@@ -169,6 +182,14 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--explain", action="store_true", help="print every decision and calibrated range")
     parser.add_argument("--explain-json", metavar="FILE", help="write the whole plan and every range as JSON")
+    parser.add_argument(
+        "--min-snr",
+        type=float,
+        metavar="DB",
+        help="output SNR target on held-out data: the most sensitive layers go back to float, one measured "
+        "step at a time, until it is met (every 5th calibration sample is held out unless --eval-data)",
+    )
+    parser.add_argument("--eval-data", metavar="DATA", help="with --min-snr: the held-out inputs (.npz or folder)")
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:
@@ -282,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "emulate": _run_emulate,
             "build": _run_build,
             "convert": _run_convert,
+            "report": run_report,
         }
         return commands[args.command](args)
     except OnnxqError as error:
@@ -338,11 +360,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.explain_json:
         _check_writable_file(Path(args.explain_json), "--explain-json")
     started = time.perf_counter()
-    result = quantize(
-        args.model,
-        mode=args.mode,
-        calibration_data=args.calib,
-        output_path=output,
+    options: dict[str, Any] = dict(
         target=args.target,
         patterns=args.patterns,
         calib_method=args.calib_method,
@@ -367,8 +385,13 @@ def _run_quantize(args: argparse.Namespace) -> int:
         low_precision_io=args.low_precision_io,
         keep_fp32_ops=_keep_fp32_ops(args),
         keep_fp32_nodes=_split(args.keep_fp32_nodes) or [],
+        smoothquant=args.smoothquant,
         progress=sys.stderr.isatty(),
     )
+    if args.min_snr is None:
+        result = quantize(args.model, mode=args.mode, calibration_data=args.calib, output_path=output, **options)
+    else:
+        result = _quantize_to_target(args, options, output)
     if args.explain:
         print_plan(result)
         print_ranges(result)
@@ -376,6 +399,23 @@ def _run_quantize(args: argparse.Namespace) -> int:
         write_explain_json(result, Path(args.explain_json))
     print_summary(result, Path(args.model), output, time.perf_counter() - started)
     return 0
+
+
+def _quantize_to_target(args: argparse.Namespace, options: dict[str, Any], output: Path) -> QuantizeResult:
+    """``--min-snr``: quantize, measure on held-out data, return the most sensitive layers to float."""
+    from onnxq.report.fallback import meet_snr_target
+
+    if args.calib is None:
+        raise OnnxqError("--min-snr measures the quantized model on data, and no --calib was given", "add --calib")
+    fallback = meet_snr_target(
+        args.model, args.calib, {"mode": args.mode, **options}, args.min_snr, args.eval_data, output_path=output
+    )
+    _console().print(
+        f"--min-snr {args.min_snr:g} dB: {fallback.snr_db:.2f} dB on {fallback.holdout}, "
+        f"{len(fallback.excluded)} layer(s) returned to float in {len(fallback.steps)} measured step(s)",
+        markup=False,
+    )
+    return fallback.result
 
 
 def _check_writable_file(path: Path, option: str) -> None:
@@ -403,6 +443,9 @@ def print_plan(result: QuantizeResult) -> None:
             console.print(f"  {tensor}: {why}", markup=False)
     for note in getattr(result.plan, "notes", []):
         console.print(f"note: {note}", markup=False)
+    if result.smoothquant is not None:
+        for line in result.smoothquant.lines():
+            console.print(line, markup=False)
     if result.conversion is not None:
         for node, why in sorted(result.conversion.kept_fp32.items()):
             console.print(f"kept float32: {node}: {why}", markup=False)

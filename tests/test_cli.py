@@ -174,3 +174,24 @@ def test_console_script_module_entry(cnn: tuple[Path, Path], tmp_path: Path) -> 
     )
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "q.onnx").exists()
+
+
+def test_min_snr_meets_a_target_or_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "cnn.onnx"
+    onnx.save(model_builders.residual_cnn(), model)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **model_builders.cnn_inputs(20, 8))
+    baseline = tmp_path / "plain.onnx"
+    assert run_cli("quantize", model, "--calib", calib, "-o", baseline) == 0
+    capsys.readouterr()
+    # a target the plain model already meets: no layer goes back to float, the model is written
+    met = tmp_path / "met.onnx"
+    assert run_cli("quantize", model, "--calib", calib, "-o", met, "--min-snr", "5") == 0
+    assert "0 layer(s) returned to float" in capsys.readouterr().out
+    assert met.is_file()
+    # an unreachable target: one line naming the best SNR reached, and no output
+    unreachable = tmp_path / "never.onnx"
+    assert run_cli("quantize", model, "--calib", calib, "-o", unreachable, "--min-snr", "200") == 2
+    error = capsys.readouterr().err.strip()
+    assert "not reached: best" in error and len(error.splitlines()) == 1, error
+    assert not unreachable.exists()
