@@ -58,6 +58,7 @@ from onnxq.placement.block_plan import BlockOptions, apply_mode, refresh_reasons
 from onnxq.placement.plan import Plan
 from onnxq.placement.planner import PlacementOptions, plan_placement
 from onnxq.placement.rules import load_rule_set
+from onnxq.plugins import ReplaceSummary
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class QuantizeOptions:
     keep_fp32_nodes: list[str] = field(default_factory=list)
     #: with fp16/bf16: graph inputs and outputs take that type too (default: they keep theirs)
     low_precision_io: bool = False
+    #: nvfp4-w4a16: replace FP4-weight GEMMs by the FP4 GEMM TensorRT plugin node (plugins/fp4_gemm)
+    fp4_plugin: bool = False
     #: int8/fp8: SmoothQuant before calibration, alpha in [0, 1] or "auto" (searched per GEMM group); None: off
     smoothquant: float | str | None = None
 
@@ -125,6 +128,8 @@ class QuantizeResult:
     algorithm: str = ""
     #: what the FP16/BF16 conversion of the rest did (None: the rest stayed float32)
     conversion: ConversionReport | None = None
+    #: what the FP4 GEMM plugin replacement did (None: not asked for)
+    plugins: ReplaceSummary | None = None
     #: what SmoothQuant did per GEMM group (None: not asked for)
     smoothquant: SmoothQuantSummary | None = None
 
@@ -196,6 +201,12 @@ def quantize(
     conversion = _convert_rest(working, settings, ranges)
     if conversion is not None:
         timer.lap("convert")
+    plugins = None
+    if settings.fp4_plugin:
+        from onnxq.plugins import replace_fp4_gemms
+
+        plugins = replace_fp4_gemms(working)  # after the FP16 conversion: X is already float16 there
+        timer.lap("plugin")
     # inference sees further through the finished graph (shapes set since the first repair): a declared
     # output shape it now contradicts would fail the strict checker
     plan.notes.extend(passes.repair_declared_shapes(working))
@@ -208,7 +219,7 @@ def quantize(
     return QuantizeResult(
         working, plan, ranges, path, insertion, timer.laps, blocks,
         algorithm=algorithm if spec.block_weight == "int4" else "", conversion=conversion,
-        smoothquant=smoothing,
+        smoothquant=smoothing, plugins=plugins,
     )  # fmt: skip
 
 
@@ -317,6 +328,7 @@ def _check_options(settings: QuantizeOptions) -> None:
     if settings.smoothquant is not None:  # alpha and mode now; the model once loaded
         check_smoothquant_options(settings.smoothquant, settings.mode, None)
     _check_high_precision(settings)
+    _check_fp4_plugin(settings)
     if settings.int4_accuracy_level not in MATMULNBITS_ACCURACY_LEVELS:
         raise OnnxqError(
             f"--int4-accuracy-level {settings.int4_accuracy_level!r} is not one of MatMulNBits' levels",
@@ -326,6 +338,14 @@ def _check_options(settings: QuantizeOptions) -> None:
         mode_spec(settings.mode), settings.target, settings.algo, settings.block_size, settings.zero_point,
         settings.opset,
     )  # fmt: skip
+
+
+def _check_fp4_plugin(settings: QuantizeOptions) -> None:
+    if settings.fp4_plugin and settings.mode != "nvfp4-w4a16":
+        raise OnnxqError(
+            f"--fp4-plugin replaces NVFP4-weight GEMMs, and --mode {settings.mode} writes none",
+            "use --mode nvfp4-w4a16 or drop --fp4-plugin",
+        )
 
 
 def _check_high_precision(settings: QuantizeOptions) -> None:

@@ -128,6 +128,12 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     _add_keep_fp32(parser)
     parser.add_argument(
+        "--fp4-plugin",
+        action="store_true",
+        help="nvfp4-w4a16: write each FP4-weight GEMM as the FP4 GEMM TensorRT plugin node (plugins/fp4_gemm; "
+        "build the engine with --plugins libfp4_gemm_plugin.so)",
+    )
+    parser.add_argument(
         "--int4-accuracy-level",
         type=int,
         default=4,
@@ -386,6 +392,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         keep_fp32_ops=_keep_fp32_ops(args),
         keep_fp32_nodes=_split(args.keep_fp32_nodes) or [],
         smoothquant=args.smoothquant,
+        fp4_plugin=args.fp4_plugin,
         progress=sys.stderr.isatty(),
     )
     if args.min_snr is None:
@@ -398,6 +405,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.explain_json:
         write_explain_json(result, Path(args.explain_json))
     print_summary(result, Path(args.model), output, time.perf_counter() - started)
+    if result.plugins is not None:
+        _console().print(result.plugins.describe(), markup=False)
     return 0
 
 

@@ -15,7 +15,9 @@ deployable one, bit for bit (every step is the same float32 operation in the sam
   estimate corrected by comparisons with exact powers of two from a lookup table), FP8 QuantizeLinear
   of ``x / 2**e``; its FP8 values and UINT8 codes are tensors ONNX Runtime holds;
 - ``TRT_MXFP8DequantizeLinear`` at run time: FP8 DequantizeLinear, ``* 2**(code - 127)`` per block
-  (lookup table), Cast to ``output_dtype``.
+  (lookup table), Cast to ``output_dtype``;
+- FP4 GEMM plugin nodes (``trt.plugins::Fp4GemmPlugin``, ``--fp4-plugin``): MatMul on the float32
+  dequantized weight, bias, Cast to X's type (:mod:`onnxq.plugins.emulation`).
 
 Anything else that ONNX Runtime CPU cannot run (an FP4 tensor produced some other way, a dynamic
 quantizer whose outputs feed something other than the dequantizers, a block axis other than the last,
@@ -53,6 +55,7 @@ from onnxq.graph.dynamic_quantize import (
 from onnxq.graph.fp4_weights import emulate_fp4_weights
 from onnxq.graph.passes import DEFAULT_DOMAINS, default_opset, forget_names, unique_name, upgrade_opset
 from onnxq.model_io import check_output_path, load_model, save_model
+from onnxq.plugins import emulate_fp4_gemm_plugins, fp4_gemm_description
 from onnxq.reference_ops import dequantize_mxfp8_codes
 
 #: tensor types ONNX Runtime's CPU build has no kernels for
@@ -69,6 +72,8 @@ FP4_STEPS = (0.5, 1.0, 2.0)
 POW2_TABLE_MIN_EXPONENT = MIN_NORMAL_EXPONENT + FP8_E4M3_EMAX - 1
 POW2_TABLE_MAX_EXPONENT = E8M0_MAX_EXPONENT
 E8M0_CODES = 256
+#: the custom-op domain of onnxq's TensorRT plugin nodes (FP4 GEMM)
+PLUGIN_DOMAIN = fp4_gemm_description().onnx_domain
 FIX = "quantize with onnxq (its activation forms are emulated), or run the model in TensorRT"
 
 
@@ -80,6 +85,8 @@ class EmulationStats:
     nvfp4_activations: int = 0
     mxfp8_quantizers: int = 0
     mxfp8_dequantizers: int = 0
+    #: FP4 GEMM plugin nodes rewritten into MatMul on float32 weights
+    fp4_gemm_plugins: int = 0
 
     def describe(self) -> str:
         """What was emulated, for a line in the terminal ("" when nothing was)."""
@@ -87,6 +94,7 @@ class EmulationStats:
             "FP4/MXFP8 weights folded": self.folded_weights,
             "NVFP4 activation quantizers": self.nvfp4_activations,
             "MXFP8 activation quantizers": self.mxfp8_quantizers,
+            "FP4 GEMM plugin nodes": self.fp4_gemm_plugins,
         }
         return ", ".join(f"{count} {what}" for what, count in parts.items() if count)
 
@@ -112,7 +120,8 @@ def emulate_file(source: Path, destination: Path) -> EmulationStats:
 
 def emulate(model: ir.Model) -> EmulationStats:
     """Rewrite ``model`` in place so that ONNX Runtime CPU runs it (see the module docstring)."""
-    stats = EmulationStats(folded_weights=emulate_fp4_weights(model))
+    stats = EmulationStats(fp4_gemm_plugins=emulate_fp4_gemm_plugins(model))
+    stats.folded_weights = emulate_fp4_weights(model)
     graph = model.graph
     forget_names(graph)
     stats.folded_weights += _fold_constant_mxfp8_dequantizers(graph)
@@ -152,7 +161,7 @@ def _all_nodes(model: ir.Model) -> list[ir.Node]:
 
 def _unrunnable(node: ir.Node) -> bool:
     values = [*node.inputs, *node.outputs]
-    return node.domain == TRT_DOMAIN or any(v is not None and v.dtype in UNRUNNABLE_TYPES for v in values)
+    return node.domain in (TRT_DOMAIN, PLUGIN_DOMAIN) or any(v is not None and v.dtype in UNRUNNABLE_TYPES for v in values)
 
 
 def _refuse_leftovers(model: ir.Model) -> None:

@@ -158,4 +158,6 @@ def reference_evaluator(model: Any, **kwargs: Any) -> ReferenceEvaluator:
         import onnx_ir as ir
 
         model = ir.serde.serialize_model(model)
-    return ReferenceEvaluator(model, new_ops=list(TRT_REFERENCE_OPS), **kwargs)
+    from onnxq.plugins.fp4_gemm import Fp4GemmPlugin  # onnxq.plugins imports this module's package
+
+    return ReferenceEvaluator(model, new_ops=[*TRT_REFERENCE_OPS, Fp4GemmPlugin], **kwargs)
