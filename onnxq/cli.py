@@ -274,13 +274,11 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_keep_fp32(parser: argparse.ArgumentParser) -> None:
-    from onnxq.graph.float_conversion import DEFAULT_KEEP_FP32_OPS
-
     parser.add_argument(
         "--keep-fp32-ops",
         metavar="OPS",
         help="op types an fp16/bf16 rest keeps in float32, replacing the default list of ops known to "
-        f"overflow ({','.join(DEFAULT_KEEP_FP32_OPS)}); 'none' keeps none",
+        "overflow (Exp, Pow, ReduceSum, ...: see --explain); 'none' keeps none",
     )
     parser.add_argument(
         "--keep-fp32-nodes", metavar="NAMES", help="comma-separated node names an fp16/bf16 rest keeps in float32"

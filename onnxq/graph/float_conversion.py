@@ -319,7 +319,7 @@ def _keep_reason(
     keep_nodes: set[str],
 ) -> str | None:
     if node.name in keep_nodes:
-        return "user (keep_nodes)"
+        return "kept float32 as asked (--keep-fp32-nodes)"
     if node.op_type in listed and node.domain in _DEFAULT_DOMAINS:
         return f"op {node.op_type}: {listed[node.op_type]}"
     if target == ir.DataType.FLOAT16:

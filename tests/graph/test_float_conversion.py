@@ -235,8 +235,8 @@ def test_every_default_kept_op_has_a_reason_and_a_schema() -> None:
 
 def test_user_keep_nodes_and_unknown_names() -> None:
     _half, report = converted(masked_attention(), keep_nodes=["node_12"])  # NameFixPass names: node_<index>
-    assert report.kept_fp32 == {"node_12": "user (keep_nodes)"}
-    with pytest.raises(OnnxqError, match="keep_nodes"):
+    assert report.kept_fp32 == {"node_12": "kept float32 as asked (--keep-fp32-nodes)"}
+    with pytest.raises(OnnxqError, match="keep-fp32-nodes"):
         converted(masked_attention(), keep_nodes=["no_such_node"])
 
 
