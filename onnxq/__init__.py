@@ -18,6 +18,7 @@ _PUBLIC = {
     "QuantizeOptions": "onnxq.api",
     "QuantizeResult": "onnxq.api",
     "compare": "onnxq.comparison",
+    "export": "onnxq.frontend.export",
     "quantize": "onnxq.api",
 }
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from onnxq.comparison import OutputMetrics as OutputMetrics
     from onnxq.comparison import compare as compare
     from onnxq.errors import OnnxqError as OnnxqError
+    from onnxq.frontend.export import export as export
 
 
 def __getattr__(name: str) -> Any:

@@ -108,6 +108,9 @@ class QuantizeOptions:
     keep_fp32_nodes: list[str] = field(default_factory=list)
     #: with fp16/bf16: graph inputs and outputs take that type too (default: they keep theirs)
     low_precision_io: bool = False
+    #: apply the recipe an ``onnxq export`` left in the model (its mode, the layers it keeps in high
+    #: precision) where the caller gave no mode / exclude_nodes of their own
+    use_recipe: bool = True
     #: nvfp4-w4a16: replace FP4-weight GEMMs by the FP4 GEMM TensorRT plugin node (plugins/fp4_gemm)
     fp4_plugin: bool = False
     #: int8/fp8: SmoothQuant before calibration, alpha in [0, 1] or "auto" (searched per GEMM group); None: off
@@ -141,7 +144,7 @@ class QuantizeResult:
 def quantize(
     model: Any,
     *,
-    mode: str = "int8",
+    mode: str | None = None,
     calibration_data: Any = None,
     output_path: str | os.PathLike[str] | None = None,
     **options: Any,
@@ -151,6 +154,7 @@ def quantize(
     ``options`` are the fields of :class:`QuantizeOptions` (target, calib_method, op_types, ...).
     The input is never modified; with ``output_path`` the result is written there atomically.
     """
+    mode, recipe_notes = _apply_recipe(model, mode, options)
     settings = _options(mode, options)
     spec = mode_spec(settings.mode)
     # option files are read (and refused) before any expensive step
@@ -164,6 +168,9 @@ def quantize(
     external_input = any(True for _ in external_tensors(working))
     prequantized.refuse_unless_kept(working, prequantized.model_label(model), settings.keep_quantized)
     _prepare(working, settings, spec)
+    for note in recipe_notes:  # after _prepare (an opset upgrade rebuilds the graph); --explain prints them
+        passes.add_note(working, note)
+        logger.info("%s", note)
     timer.lap("prepare")
     rules = load_rule_set(settings.target, settings.patterns)
     plan = plan_placement(working, rules, _placement(settings))
@@ -227,6 +234,21 @@ def quantize(
 #: layer in the model's own type, so a float32 rest would make the quantized engine slower than plain
 #: FP16; ONNX Runtime's CPU integer kernels read float32 around them
 DEFAULT_HIGH_PRECISION = {"tensorrt": "fp16", "ort": "fp32"}
+
+
+def _apply_recipe(model: Any, mode: str | None, options: dict[str, Any]) -> tuple[str, list[str]]:
+    """The mode and ``exclude_nodes`` (set in ``options``) that an exported model's recipe recommends,
+    where the caller gave none (``onnxq.frontend.recipes``); the notes say what was applied. Read
+    from the model's metadata only (external weights untouched), before the options are checked."""
+    from onnxq.frontend.recipes import hints_for_source
+
+    wanted = options.get("use_recipe", True) and (mode is None or options.get("exclude_nodes") is None)
+    hints = hints_for_source(model) if wanted else None
+    if hints is None:
+        return mode or "int8", []
+    mode, exclude, notes = hints.resolve(mode, options.get("exclude_nodes"))
+    options["exclude_nodes"] = exclude
+    return mode, notes
 
 
 def high_precision_for(settings: QuantizeOptions) -> str:

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from onnxq.report.cli_report import add_report_parser
 
     add_report_parser(commands, parents=[common])
+    from onnxq.frontend.cli_export import add_export_parser
+
+    add_export_parser(commands, parents=[common])
     _add_emulate(
         commands.add_parser(
             "emulate",
@@ -100,8 +103,7 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default="int8",
-        help="number formats: int8, fp8; int4 (weight-only, per block); nvfp4 (FP4 weights and activations); "
+        help="default: the recipe's mode for a model from onnxq export, else int8. Number formats: int8, fp8; int4 (weight-only, per block); nvfp4 (FP4 weights and activations); "
         "nvfp4-w4a16 (FP4 weights only); w4a8 (FP4 weights, FP8 activations); int4-w4a8 (INT4 weights, "
         "FP8 activations); mxfp8 (FP8 per 32 values with power-of-two scales)",
     )
@@ -185,6 +187,11 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
         "--keep-quantized",
         action="store_true",
         help="for a model already quantized: keep its Q/DQ and quantized ops, quantize only what is still float",
+    )
+    parser.add_argument(
+        "--no-recipe",
+        action="store_true",
+        help="ignore the recipe onnxq export left in the model (its mode, the layers it keeps in high precision)",
     )
     parser.add_argument("--explain", action="store_true", help="print every decision and calibrated range")
     parser.add_argument("--explain-json", metavar="FILE", help="write the whole plan and every range as JSON")
@@ -307,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "emulate": _run_emulate,
             "build": _run_build,
             "convert": _run_convert,
+            "export": _run_export,
             "report": run_report,
         }
         return commands[args.command](args)
@@ -360,7 +368,7 @@ def default_output(model: str, mode: str) -> Path:
 def _run_quantize(args: argparse.Namespace) -> int:
     from onnxq.api import quantize
 
-    output = Path(args.output) if args.output else default_output(args.model, args.mode)
+    output = Path(args.output) if args.output else default_output(args.model, _default_mode(args))
     if args.explain_json:
         _check_writable_file(Path(args.explain_json), "--explain-json")
     started = time.perf_counter()
@@ -378,6 +386,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         ort_custom_ops=args.ort_custom_ops,
         op_types=_split(args.op_types),
         exclude_nodes=args.exclude_nodes,
+        use_recipe=not args.no_recipe,
         quantize_bmm=not args.no_quantize_bmm,
         keep_quantized=args.keep_quantized,
         algo=args.algo,
@@ -423,6 +432,22 @@ def _quantize_to_target(args: argparse.Namespace, options: dict[str, Any], outpu
         markup=False,
     )
     return fallback.result
+
+
+def _default_mode(args: argparse.Namespace) -> str:
+    """The mode that names the default output: as given, else the model's recipe, else int8."""
+    if args.mode is not None:
+        return str(args.mode)
+    from onnxq.frontend.recipes import hints_from_file
+
+    hints = None if args.no_recipe else hints_from_file(args.model)
+    return hints.mode if hints is not None else "int8"
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from onnxq.frontend.cli_export import run_export
+
+    return run_export(args)
 
 
 def _check_writable_file(path: Path, option: str) -> None:
