@@ -276,7 +276,7 @@ def _folded_tensor(spec: _FoldedDequantize) -> ir.TensorProtocol:
 class _FoldedDequantize:
     """A DequantizeLinear of constants (or of such DQs), kept apart from the graph for a lazy fold."""
 
-    inputs: tuple[ir.TensorProtocol | _FoldedDequantize | None, ...]
+    inputs: tuple[ir.TensorProtocol | _FoldedDequantize | _FoldedCast | None, ...]
     axis: int
     block_size: int
     output_dtype: int
@@ -285,7 +285,7 @@ class _FoldedDequantize:
     def shape(self) -> tuple[int, ...]:
         x = self.inputs[0]
         assert x is not None
-        return x.shape if isinstance(x, _FoldedDequantize) else tuple(x.shape.numpy())
+        return x.shape if isinstance(x, _FoldedDequantize | _FoldedCast) else tuple(x.shape.numpy())
 
     @property
     def dtype(self) -> ir.DataType:
@@ -298,7 +298,7 @@ class _FoldedDequantize:
 
     def evaluate(self) -> np.ndarray:
         arrays = [
-            None if i is None else (i.evaluate() if isinstance(i, _FoldedDequantize) else i.numpy())
+            None if i is None else (i.evaluate() if isinstance(i, _FoldedDequantize | _FoldedCast) else i.numpy())
             for i in self.inputs
         ]
         x, scale = arrays[0], arrays[1]
@@ -309,9 +309,30 @@ class _FoldedDequantize:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _FoldedCast:
+    """A Cast of a folded scale DQ: an FP16 rest keeps a scale DQ whose global scale is subnormal in
+    float16 in float32 and casts its output for the weight DQ (see ``graph.float_conversion``)."""
+
+    source: _FoldedDequantize
+    to: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return ir.DataType(self.to)
+
+    def evaluate(self) -> np.ndarray:
+        return self.source.evaluate().astype(self.dtype.numpy())
+
+
 def _snapshot(node: ir.Node) -> _FoldedDequantize:
-    """The DQ's constant inputs (and DQ-produced scales), captured before the node leaves the graph."""
-    inputs: list[ir.TensorProtocol | _FoldedDequantize | None] = []
+    """The DQ's constant inputs (and DQ-produced scales, cast or not), captured before the node leaves
+    the graph."""
+    inputs: list[ir.TensorProtocol | _FoldedDequantize | _FoldedCast | None] = []
     for value in node.inputs:
         if value is None:
             inputs.append(None)
@@ -320,7 +341,12 @@ def _snapshot(node: ir.Node) -> _FoldedDequantize:
         else:
             producer = value.producer()
             assert producer is not None
-            inputs.append(_snapshot(producer))
+            if producer.op_type == "Cast":
+                source = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+                assert source is not None
+                inputs.append(_FoldedCast(_snapshot(source), producer.attributes.get_int("to", 0)))
+            else:
+                inputs.append(_snapshot(producer))
     return _FoldedDequantize(
         tuple(inputs), node.attributes.get_int("axis", 1), node.attributes.get_int("block_size", 0),
         node.attributes.get_int("output_dtype", 0),
@@ -339,10 +365,13 @@ def _foldable(node: ir.Node) -> bool:
 
 
 def _is_constant(value: ir.Value) -> bool:
-    """A constant, or the output of a DequantizeLinear of constants (the NVFP4 scale DQ)."""
+    """A constant, or the output of a DequantizeLinear of constants (the NVFP4 scale DQ), possibly cast."""
     if value.const_value is not None:
         return True
     producer = value.producer()
+    if producer is not None and producer.op_type == "Cast" and producer.inputs[0] is not None:
+        source = producer.inputs[0]
+        return source.const_value is None and _is_constant(source)
     return (
         producer is not None
         and producer.op_type == "DequantizeLinear"
@@ -392,7 +421,7 @@ def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
         if value.uses() or value.is_graph_output():
             continue
         producer = value.producer()
-        if producer is not None and producer.op_type == "DequantizeLinear" and producer.graph is graph:
+        if producer is not None and producer.op_type in ("DequantizeLinear", "Cast") and producer.graph is graph:
             inputs = [v for v in producer.inputs if v is not None]
             graph.remove(producer, safe=True)
             _drop_unused(graph, inputs)

@@ -271,3 +271,25 @@ def test_weight_snr_sanity() -> None:
     )
     print("weight SNR dB:", {k: round(v, 2) for k, v in snr.items()})
     assert snr["fp4_per_channel"] < snr["nvfp4"] < snr["mxfp8"] < snr["int8"]
+
+
+def test_emulation_folds_a_scale_chain_cast_by_the_fp16_rest() -> None:
+    """Small weights put the NVFP4 global scale below float16's normal range: the FP16 rest keeps that
+    scale DQ in float32 and casts its output for the weight DQ; emulation folds through the Cast."""
+    import onnxq
+    from onnxq.reference_ops import reference_evaluator
+
+    tiny = weight(k=64, n=16, seed=4) * np.float32(1e-3)
+    quantized = onnxq.quantize(
+        ir.serde.serialize_model(matmul_model(tiny)), mode="nvfp4-w4a16", quantize_lm_head=True
+    ).model
+    deployable = serialized(quantized)
+    ops = [n.op_type for n in deployable.graph.node]
+    assert "Cast" in ops and ops.count("DequantizeLinear") == 2
+    emulated_model = ir.serde.deserialize_model(deployable)
+    assert emulate_fp4_weights(emulated_model) == 1
+    emulated = serialized(emulated_model)
+    assert not {"DequantizeLinear"} & {n.op_type for n in emulated.graph.node}
+    eye = np.eye(64, dtype=np.float32)  # the output rows are the dequantized weight rows, exactly
+    (expected,) = reference_evaluator(deployable).run(None, {"x": eye})
+    np.testing.assert_array_equal(run_ort(emulated, eye, optimize=False)[0], expected)
