@@ -22,5 +22,7 @@ CALIB_METHODS = ("entropy", "max", "mse", "percentile")
 DEFAULT_CALIB_METHOD = "max"
 #: memory for the tensors one calibration run hands back, in MB
 DEFAULT_CALIB_MEMORY_MB = 512
+#: AutoQuantize: the formats each layer may take (modes, and fp16: the layer stays in the high-precision rest)
+DEFAULT_AUTO_FORMATS = ("fp8", "int8", "nvfp4", "int4", "fp16")
 #: SmoothQuant's alpha for a bare ``--smoothquant`` (measured: tools/results/bench_smoothquant.md)
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5

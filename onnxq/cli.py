@@ -202,7 +202,12 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
         help="output SNR target on held-out data: the most sensitive layers go back to float, one measured "
         "step at a time, until it is met (every 5th calibration sample is held out unless --eval-data)",
     )
-    parser.add_argument("--eval-data", metavar="DATA", help="with --min-snr: the held-out inputs (.npz or folder)")
+    parser.add_argument(
+        "--eval-data", metavar="DATA", help="with --min-snr or --auto: the held-out inputs (.npz or folder)"
+    )
+    from onnxq.report.cli_auto import add_cli_arguments as add_auto_arguments
+
+    add_auto_arguments(parser)
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:
@@ -402,7 +407,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
         fp4_plugin=args.fp4_plugin,
         progress=sys.stderr.isatty(),
     )
-    if args.min_snr is None:
+    if args.auto is not None:
+        result = _quantize_auto(args, options, output)
+    elif args.min_snr is None:
         result = quantize(args.model, mode=args.mode, calibration_data=args.calib, output_path=output, **options)
     else:
         result = _quantize_to_target(args, options, output)
@@ -415,6 +422,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if result.plugins is not None:
         _console().print(result.plugins.describe(), markup=False)
     return 0
+
+
+def _quantize_auto(args: argparse.Namespace, options: dict[str, Any], output: Path) -> QuantizeResult:
+    """``--auto BITS``: per layer the format with the least output error within the budget, verified once."""
+    from onnxq.report.autoquant import run_cli
+
+    auto = run_cli(args, options, output)
+    _console().print(auto.describe(), markup=False)
+    return auto.result
 
 
 def _quantize_to_target(args: argparse.Namespace, options: dict[str, Any], output: Path) -> QuantizeResult:

@@ -376,13 +376,13 @@ def _exact_sensitivity(
     variants: list[tuple[LayerReport, str, ir.Model]] = []
     for layer in worst:
         variants.append(
-            (layer, "only_quantized", _variant(quantized, points, lambda n, _l=layer.name: n != _l))
+            (layer, "only_quantized", variant(quantized, points, lambda n, _l=layer.name: n != _l))
         )
-        variants.append((layer, "only_float", _variant(quantized, points, lambda n, _l=layer.name: n == _l)))
+        variants.append((layer, "only_float", variant(quantized, points, lambda n, _l=layer.name: n == _l)))
     outputs = [v.name or "" for v in fp32.graph.outputs]
     for start in range(0, len(variants), VARIANTS_PER_PASS):
         chunk = variants[start : start + VARIANTS_PER_PASS]
-        results = _output_snrs(fp32, [model for _, _, model in chunk], outputs, feeds, settings)
+        results = output_snrs(fp32, [model for _, _, model in chunk], outputs, feeds, settings)
         for (layer, which, _), snr in zip(chunk, results):
             setattr(layer, f"{which}_db", snr)
     for layer in worst:
@@ -395,9 +395,12 @@ def _exact_sensitivity(
             layer.note = "a weight without FP32 counterpart stayed quantized in both runs"
 
 
-def _variant(quantized: ir.Model, points: list[QuantPoint], to_float: Any) -> ir.Model:
+def variant(
+    quantized: ir.Model, points: list[QuantPoint], to_float: Any, *, runnable: bool = True
+) -> ir.Model:
     """A copy of ``quantized`` whose readers ``to_float(reader)`` read float values instead of
-    dequantized ones (the quantizer's input, or the matched FP32 weight); dead Q/DQ removed."""
+    dequantized ones (the quantizer's input, or the matched FP32 weight); dead Q/DQ removed.
+    ``runnable``: FP4/MXFP8 parts emulated with standard ops (off: kept in their TensorRT form)."""
     model = clone_model(quantized)
     nodes = {node.name: node for node in model.graph}
     values = values_by_name(model.graph)
@@ -412,7 +415,7 @@ def _variant(quantized: ir.Model, points: list[QuantPoint], to_float: Any) -> ir
             if replacement is not None:
                 node.replace_input_with(index, _as_type(model.graph, replacement, node, node.inputs[index]))
     clean_up(model)
-    if needs_emulation(model):
+    if runnable and needs_emulation(model):
         emulate(model)
     return model
 
@@ -456,7 +459,7 @@ def _float_value(model: ir.Model, values: dict[str, ir.Value], point: QuantPoint
     return add_initializer(model.graph, f"{point.fp32_name}_float", fp32.astype(arrays.dtype))
 
 
-def _output_snrs(
+def output_snrs(
     fp32: ir.Model,
     variants: list[ir.Model],
     outputs: list[str],
