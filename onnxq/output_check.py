@@ -98,10 +98,12 @@ def _load_in_ort(path: Path, model: ir.Model, custom_ops: Sequence[str]) -> None
     options.intra_op_num_threads = 1  # a load, not a run
     # a load check: pre-packed weights would be a second copy of every weight for nothing
     options.add_session_config_entry("session.disable_prepacking", "1")
-    if has_float8(model) or has_half_precision(model):
-        # ORT 1.32 CPU's extended fusions miscompute FP8 Q/DQ graphs, its QLinear* fusions refuse
-        # float16/bfloat16 scales (a valid graph: TensorRT's FP16 rest), and its level-3 layout passes
-        # crash the process on an emulated FP16 CNN (aecmos_16k, nvfp4-w4a16); all load as written at BASIC
+    if has_half_precision(model):
+        # float16 graphs load as written (see onnxq.runtime.make_session: ORT 1.32 CPU miscomputes them
+        # at BASIC, its QLinear* fusions refuse float16 scales, its level-3 passes crash on aecmos_16k)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif has_float8(model):
+        # ORT 1.32 CPU's extended fusions miscompute FP8 Q/DQ graphs; onnxq's sessions run them at BASIC
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for library in custom_ops:
         try:

@@ -208,18 +208,19 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def session(path: Path, as_written: bool) -> Any:
-    """An ONNX Runtime CPU session; ``as_written`` runs Q/DQ as written (BASIC level, no integer fusions).
+    """An ONNX Runtime CPU session; ``as_written`` runs Q/DQ as written (no graph optimization, no fusions).
 
     The TensorRT target's outputs are measured as written (ORT's CPU integer kernels are not what TensorRT
-    runs, and its extended fusions miscompute FP8 Q/DQ -> Conv); the ORT target's with ORT's fusions, as
-    deployed.
+    runs, its extended fusions miscompute FP8 Q/DQ -> Conv, and even its BASIC ones miscompute a float16
+    DequantizeLinear -> Conv of the FP16 rest): no graph optimization; the ORT target's with ORT's
+    fusions, as deployed.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if as_written:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # INT4 DequantizeLinear -> MatMul exactly as written (ORT otherwise computes it with int8 activations)
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(str(emulated_if_needed(path)), options, providers=["CPUExecutionProvider"])
