@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from onnxq.calibration.calibrator import (
     check_memory_limit,
 )
 from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_data
+from onnxq.calibration.method_guard import first_samples, guard_ranges
 from onnxq.calibration.methods import get_method
 from onnxq.calibration.overrides import known_ranges, load_overrides, value_names, warn_unmatched_overrides
 from onnxq.calibration.statistics import TensorStats
@@ -197,7 +198,11 @@ def quantize(
             activation_format=activation_format, weight_format=weight_format, symmetric=symmetric,
         )  # fmt: skip
         timer.lap("smoothquant")
-    ranges = _calibrate(working, plan, data, activation_format, settings, overrides)
+    def guard(found: dict[str, TensorRange]) -> dict[str, TensorRange]:
+        assert data is not None
+        return _guarded(working, plan, found, data, (activation_format, weight_format), symmetric, settings)
+
+    ranges = _calibrate(working, plan, data, activation_format, settings, overrides, guard)
     timer.lap("calibrate")
     params = activation_parameters(plan, ranges, activation_format, symmetric)
     insertion = insert_qdq(working, plan.tensors(), params, activation_format, weight_format)
@@ -510,17 +515,38 @@ def _calibrate(
     fmt: NumberFormat,
     settings: QuantizeOptions,
     overrides: dict[str, tuple[float, float]],
+    guard: Callable[[dict[str, TensorRange]], dict[str, TensorRange]],
 ) -> dict[str, TensorRange]:
     tensors = list(dict.fromkeys(plan.activation_tensors() + plan.dynamic_activation_tensors()))
     if not tensors or data is None:
         return {}
-    ranges = _cached_or_calibrated(model, tensors, data, fmt, settings)
+    ranges = _cached_or_calibrated(model, tensors, data, fmt, settings, guard)
     if settings.calib_cache is not None:
         cached = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if r.source == "cache"}
         check_cached_ranges(settings.calib_cache, cached)
     _drop_nonfinite(plan, ranges)
     _apply_known_ranges(model, ranges, overrides)
     return ranges
+
+
+def _guarded(
+    model: ir.Model,
+    plan: Plan,
+    ranges: dict[str, TensorRange],
+    data: CalibrationData,
+    formats: tuple[NumberFormat, NumberFormat],
+    symmetric: bool,
+    settings: QuantizeOptions,
+) -> dict[str, TensorRange]:
+    """A clipping method far below ``max`` on a few samples falls back to ``max``, with a warning."""
+    decision = guard_ranges(
+        model, plan, ranges, first_samples(data), formats, symmetric, settings.calib_method,
+        settings.providers, settings.ort_custom_ops,
+    )  # fmt: skip
+    if decision.warning is not None:
+        logger.warning(decision.warning)
+        plan.notes.append(decision.warning)
+    return decision.ranges
 
 
 def _calibration_settings(settings: QuantizeOptions) -> CalibrationSettings:
@@ -530,8 +556,15 @@ def _calibration_settings(settings: QuantizeOptions) -> CalibrationSettings:
 
 
 def _cached_or_calibrated(
-    model: ir.Model, tensors: list[str], data: CalibrationData, fmt: NumberFormat, settings: QuantizeOptions
+    model: ir.Model,
+    tensors: list[str],
+    data: CalibrationData,
+    fmt: NumberFormat,
+    settings: QuantizeOptions,
+    guard: Callable[[dict[str, TensorRange]], dict[str, TensorRange]],
 ) -> dict[str, TensorRange]:
+    """Ranges read from the cache, or calibrated and checked by ``guard`` (a clipping method far below
+    ``max`` falls back to it) before they are cached: a cache holds the decision, not a step before it."""
     method_options = {"percentile": settings.percentile} if settings.percentile is not None else {}
     method = get_method(settings.calib_method, **method_options)
     # hashing reads every weight: only done when a cache is asked for
@@ -545,8 +578,8 @@ def _cached_or_calibrated(
             logger.info("calibration ranges read from %s", settings.calib_cache)
             return {t: _range_from_cache(*cached[t]) for t in tensors}
         logger.warning("calibration cache lacks %d tensors; calibrating again", len(missing))
-    metric_format = get_format("int8") if fmt.name == "uint8" else fmt
-    ranges = calibrate(model, tensors, data, method, metric_format, _calibration_settings(settings))
+    # uint8 is priced on its own asymmetric grid (methods.asymmetric_histogram_mse)
+    ranges = guard(calibrate(model, tensors, data, method, fmt, _calibration_settings(settings)))
     if settings.calib_cache is not None:
         chosen = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if not r.nonfinite}
         save_cache(settings.calib_cache, chosen, **identity, observed=_observed(ranges))

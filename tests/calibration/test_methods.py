@@ -422,3 +422,71 @@ def test_mse_with_the_real_formats() -> None:
         real = mse.threshold(stats, hist, formats.get_format(name))
         expected = mse.threshold(stats, hist, standin)
         assert abs(real - expected) <= 2 * hist.bin_width, name
+
+
+# ---------------------------------------------------------------------------------------------
+# asymmetric uint8 (ONNX Runtime's activations): the real grid of [max(low, -c), min(high, c)]
+
+UINT8_STEPS = 255.0
+
+
+class Uint8Standin:
+    """Asymmetric UINT8 fake quantization of signed data for a clip ``c``, independent of onnxq."""
+
+    name = "uint8"
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def fake_quantize(self, x: np.ndarray, clip: float) -> np.ndarray:
+        low, high = min(max(self.low, -clip), 0.0), max(min(self.high, clip), 0.0)
+        scale = (high - low) / UINT8_STEPS
+        zero_point = np.rint(-low / scale)
+        codes = np.clip(np.rint(np.asarray(x, dtype=np.float64) / scale) + zero_point, 0, UINT8_STEPS)
+        return (codes - zero_point) * scale
+
+
+def _signed_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    gaussian = rng.standard_normal(60_000)
+    hardswish_like = np.maximum(rng.laplace(scale=1.5, size=60_000), 0.0) - 0.375 * (rng.random(60_000) < 0.3)
+    two_sided = np.concatenate([rng.laplace(size=60_000), [-10.5, 15.0]])
+    return {"gaussian": gaussian, "hardswish_like": hardswish_like, "two_sided_outliers": two_sided}
+
+
+@pytest.mark.parametrize("case", ["gaussian", "hardswish_like", "two_sided_outliers"])
+def test_mse_uint8_matches_brute_force_on_signed_samples(case: str) -> None:
+    """The clip ``mse`` picks for uint8 is (near) the best for the real signed data on the real grid."""
+    formats = pytest.importorskip("onnxq.formats")
+    values = _signed_cases()[case]
+    stats, hist = _calibrate(values)
+    reference = Uint8Standin(stats.low, stats.high)
+    threshold = get_method("mse").threshold(stats, hist, formats.get_format("uint8"))
+    _, best_error = _brute_force_clip(values, reference, stats.amax)
+    assert _sample_mse(values, reference, threshold) <= best_error * 1.02
+
+
+def test_mse_uint8_two_sided_is_priced_on_the_coarser_grid() -> None:
+    """Symmetric data spreads 255 steps over [-c, c]: pricing it on [0, c] (the uint8 format's own
+    shortcut for positive magnitudes) picks a clip whose real error is worse."""
+    formats = pytest.importorskip("onnxq.formats")
+    values = _signed_cases()["two_sided_outliers"]
+    stats, hist = _calibrate(values)
+    reference = Uint8Standin(stats.low, stats.high)
+    fixed = get_method("mse").threshold(stats, hist, formats.get_format("uint8"))
+    one_sided_grid = np.asarray(hist.edges[methods.DEFAULT_MSE_MIN_BIN :])
+    naive_errors = [
+        float(
+            np.dot(
+                hist.counts,
+                np.square(
+                    np.rint(np.minimum(hist.centers, c) / (c / UINT8_STEPS)) * (c / UINT8_STEPS)
+                    - hist.centers
+                ),
+            )
+        )
+        for c in one_sided_grid
+    ]
+    naive = float(one_sided_grid[int(np.argmin(naive_errors))])
+    assert fixed != naive
+    assert _sample_mse(values, reference, fixed) < _sample_mse(values, reference, naive)
