@@ -55,6 +55,7 @@ from onnxq.model_io import (
     save_model,
 )
 from onnxq.modes import ModeSpec, check_mode_options, mode_spec
+from onnxq.ort_grid import AUTO_CPU, check_ort_cpu_option, record_choice, resolve_ort_weight_grid
 from onnxq.placement.block_plan import BlockOptions, apply_mode, refresh_reasons
 from onnxq.placement.plan import Plan
 from onnxq.placement.planner import PlacementOptions, plan_placement
@@ -112,6 +113,9 @@ class QuantizeOptions:
     #: apply the recipe an ``onnxq export`` left in the model (its mode, the layers it keeps in high
     #: precision) where the caller gave no mode / exclude_nodes of their own
     use_recipe: bool = True
+    #: --target ort: the deployment CPU ("avx2", "vnni", "arm") that picks the INT8 weight grid; None or
+    #: "auto": both grids measured here, deployed against as written (onnxq.ort_grid)
+    ort_cpu: str | None = None
     #: nvfp4-w4a16: replace FP4-weight GEMMs by the FP4 GEMM TensorRT plugin node (plugins/fp4_gemm)
     fp4_plugin: bool = False
     #: int8/fp8: SmoothQuant before calibration, alpha in [0, 1] or "auto" (searched per GEMM group); None: off
@@ -205,10 +209,19 @@ def quantize(
     ranges = _calibrate(working, plan, data, activation_format, settings, overrides, guard)
     timer.lap("calibrate")
     params = activation_parameters(plan, ranges, activation_format, symmetric)
+    grid_choice = None
+    if settings.target == "ort" and spec.base == "int8":
+        grid_choice = resolve_ort_weight_grid(
+            settings.ort_cpu or AUTO_CPU, working, plan, data, params, (activation_format, weight_format),
+            providers=settings.providers, custom_ops=settings.ort_custom_ops,
+        )  # fmt: skip
+        plan.notes.append(f"INT8 weight grid {grid_choice.grid}: {grid_choice.reason}")
     insertion = insert_qdq(working, plan.tensors(), params, activation_format, weight_format)
     blocks = emit_blocks(working, plan.blocks, settings.target, ranges, settings.int4_accuracy_level)
     refresh_reasons(plan)
     _finish(working, settings, activation_format, spec)
+    if grid_choice is not None:
+        record_choice(working, grid_choice)
     timer.lap("insert")
     conversion = _convert_rest(working, settings, ranges)
     if conversion is not None:
@@ -343,6 +356,7 @@ def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
 def _check_options(settings: QuantizeOptions) -> None:
     """Every option is checked before the first expensive step (see ``onnxq.option_checks``)."""
     option_checks.check_exclude_regex(settings.exclude_nodes)
+    check_ort_cpu_option(settings.ort_cpu, settings.target)
     option_checks.check_op_types(settings.op_types)
     check_memory_limit(settings.calib_memory_mb)
     option_checks.check_positive("--calib-batch-size", settings.calib_batch_size, integer=True)

@@ -130,6 +130,11 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     _add_keep_fp32(parser)
     parser.add_argument(
+        "--ort-cpu",
+        help="--target ort: the deployment CPU, auto|avx2|vnni|arm (default auto: both INT8 weight grids "
+        "measured here, deployed against as written; the choice is recorded in the model's metadata)",
+    )
+    parser.add_argument(
         "--fp4-plugin",
         action="store_true",
         help="nvfp4-w4a16: write each FP4-weight GEMM as the FP4 GEMM TensorRT plugin node (plugins/fp4_gemm; "
@@ -405,6 +410,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         keep_fp32_nodes=_split(args.keep_fp32_nodes) or [],
         smoothquant=args.smoothquant,
         fp4_plugin=args.fp4_plugin,
+        ort_cpu=args.ort_cpu,
         progress=sys.stderr.isatty(),
     )
     if args.auto is not None:

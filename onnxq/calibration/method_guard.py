@@ -90,12 +90,20 @@ def max_ranges(ranges: Mapping[str, TensorRange]) -> dict[str, TensorRange]:
 
 
 def first_samples(data: CalibrationData, count: int = DEFAULT_GUARD_SAMPLES) -> list[dict[str, np.ndarray]]:
-    """Up to ``count`` feeds of one sample each, read from the start of ``data`` (one partial pass)."""
+    """Feeds holding up to ``count`` samples, read from the start of ``data`` (one partial pass).
+
+    Each feed holds one sample, or the model's fixed batch where an input fixes it (a model declaring
+    batch 2 cannot run one sample); a trailing slice shorter than a fixed batch is left out."""
+    rows = max((spec.fixed_batch or 1 for spec in data.specs), default=1)
     feeds: list[dict[str, np.ndarray]] = []
+    taken = 0
     for batch in data.batches():
-        for feed in data.split(batch, 1):
+        for feed in data.split(batch, rows):
+            if rows > 1 and not data.as_is and data.samples_in(feed) < rows:
+                continue
             feeds.append({name: np.asarray(value) for name, value in feed.items()})
-            if len(feeds) >= count:
+            taken += data.samples_in(feed)
+            if taken >= count:
                 return feeds
     return feeds
 
