@@ -177,7 +177,8 @@ def quantize(
         passes.add_note(working, note)
         logger.info("%s", note)
     timer.lap("prepare")
-    rules = load_rule_set(settings.target, settings.patterns)
+    # a rule's [rules.modes.fp8] table governs every FP8 layer, block modes' FP8 convolutions included
+    rules = load_rule_set(settings.target, settings.patterns).for_mode(spec.base)
     plan = plan_placement(working, rules, _placement(settings))
     prequantized.keep_existing(working, plan)
     apply_mode(working, plan, spec, _block_options(settings, algorithm))
@@ -208,6 +209,7 @@ def quantize(
 
     ranges = _calibrate(working, plan, data, activation_format, settings, overrides, guard)
     timer.lap("calibrate")
+    rest_ranges = _rest_ranges(working, data, ranges, settings)
     params = activation_parameters(plan, ranges, activation_format, symmetric)
     grid_choice = None
     if settings.target == "ort" and spec.base == "int8":
@@ -223,7 +225,7 @@ def quantize(
     if grid_choice is not None:
         record_choice(working, grid_choice)
     timer.lap("insert")
-    conversion = _convert_rest(working, settings, ranges)
+    conversion = _convert_rest(working, settings, ranges, rest_ranges)
     if conversion is not None:
         timer.lap("convert")
     plugins = None
@@ -274,14 +276,32 @@ def high_precision_for(settings: QuantizeOptions) -> str:
     return settings.high_precision or DEFAULT_HIGH_PRECISION.get(settings.target, "fp32")
 
 
+def _rest_ranges(
+    model: ir.Model, data: CalibrationData | None, ranges: dict[str, TensorRange], settings: QuantizeOptions
+) -> dict[str, float]:
+    """``max |value|`` of the float32 tensors calibration did not observe, for an FP16 rest: a tensor
+    that is not quantized (a depthwise conv output read only by a Transpose) may exceed float16's range
+    as much as a quantized one. One more statistics pass over the data (scalars only); none without
+    data or for other rests (bfloat16 has float32's range)."""
+    if data is None or high_precision_for(settings) != "fp16":
+        return {}
+    tensors = [v.name for v in model.graph.inputs if v.dtype == ir.DataType.FLOAT and v.name]
+    tensors += [v.name for n in model.graph for v in n.outputs if v.dtype == ir.DataType.FLOAT and v.name]
+    tensors = [t for t in dict.fromkeys(tensors) if t not in ranges]
+    if not tensors:
+        return {}
+    found = calibrate(model, tensors, data, get_method("max"), get_format("int8"), _calibration_settings(settings))
+    return {name: found[name].stats.amax for name in tensors if name in found and found[name].stats.has_data}
+
+
 def _convert_rest(
-    model: ir.Model, settings: QuantizeOptions, ranges: dict[str, TensorRange]
+    model: ir.Model, settings: QuantizeOptions, ranges: dict[str, TensorRange], rest_ranges: dict[str, float]
 ) -> ConversionReport | None:
-    """The non-quantized part in FP16/BF16; tensors whose calibrated range exceeds FP16 keep float32."""
+    """The non-quantized part in FP16/BF16; tensors whose observed range exceeds FP16 keep float32."""
     precision = high_precision_for(settings)
     if precision == "fp32":
         return None
-    amax = {t: r.stats.amax for t, r in ranges.items() if r.stats.has_data}
+    amax = {**rest_ranges, **{t: r.stats.amax for t, r in ranges.items() if r.stats.has_data}}
     keep_ops = DEFAULT_KEEP_FP32_OPS if settings.keep_fp32_ops is None else settings.keep_fp32_ops
     return convert_float_precision(
         model, precision, tensor_ranges=amax, low_precision_io=settings.low_precision_io,
@@ -505,12 +525,15 @@ def formats_for(base: str, symmetric: bool) -> tuple[NumberFormat, NumberFormat]
 
 
 def _open_data(model: ir.Model, plan: Plan, source: Any, settings: QuantizeOptions) -> CalibrationData | None:
-    """The calibration data, opened once for AWQ and calibration; None when nothing needs it.
+    """The calibration data, opened once for AWQ, calibration and the FP16 rest's ranges; None when
+    nothing needs it.
 
     Activations to calibrate without data: refused (a cache is checked against the data's fingerprint,
-    so it needs the data too)."""
+    so it needs the data too). Data given for an FP16 rest is opened even when nothing is calibrated:
+    it tells which float tensors exceed float16's range."""
     tensors = plan.activation_tensors() + plan.dynamic_activation_tensors()
-    if not tensors and not plan.runs_awq():
+    rest_needs_it = source is not None and high_precision_for(settings) == "fp16"
+    if not tensors and not plan.runs_awq() and not rest_needs_it:
         return None
     if source is None:
         raise OnnxqError(

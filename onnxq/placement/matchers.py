@@ -94,7 +94,9 @@ def match_weighted(node: ir.Node, rule: Rule, context: Context) -> Match:
 def _size_problem(node: ir.Node, weight: ir.Value, rule: Rule) -> Skip | None:
     shape = _constant_shape(weight)
     if node.op_type in ("Conv", "ConvTranspose") and len(shape) >= 2:
-        return _channel_problem(node, shape, int(rule.get("min_channels", 1)))
+        return _channel_problem(node, shape, int(rule.get("min_channels", 1))) or _group_problem(
+            node, shape, int(rule.get("min_group_channels", 1))
+        )
     if node.op_type == "Gemm" and len(shape) == 2:
         return _gemm_problem(node, shape, int(rule.get("min_gemm_dim", 1)))
     return None
@@ -108,6 +110,22 @@ def _channel_problem(node: ir.Node, shape: list[int], minimum: int) -> Skip | No
         out_channels, in_channels = shape[1] * group, shape[0]
     if min(out_channels, in_channels) < minimum:
         return Skip(f"{in_channels}->{out_channels} channels (< {minimum})", "few channels")
+    return None
+
+
+def _group_problem(node: ir.Node, shape: list[int], minimum: int) -> Skip | None:
+    """Too few channels per group (depthwise convolutions: 1): each output sums only its group's
+    inputs times the taps, too few terms to average FP8's per-value rounding (see patterns/tensorrt.toml)."""
+    group = node.attributes.get_int("group", 1)
+    if node.op_type == "Conv":
+        per_group_in, per_group_out = shape[1], shape[0] // group
+    else:
+        per_group_in, per_group_out = shape[0] // group, shape[1]
+    if group > 1 and min(per_group_in, per_group_out) < minimum:
+        return Skip(
+            f"grouped convolution with {min(per_group_in, per_group_out)} channels per group (< {minimum})",
+            "few channels per group",
+        )
     return None
 
 

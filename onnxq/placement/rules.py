@@ -2,13 +2,19 @@
 
 A rule set names the target, whether activations are symmetric, and a list of rules; each rule applies a
 matcher ``kind`` (see ``matchers.py``) to some op types with parameters. Users can pass their own file.
+
+A rule may hold a ``[rules.modes.<mode>]`` table (``<mode>`` one of ``MODE_OVERRIDE_NAMES``: the base
+format of the Q/DQ, so ``fp8`` also governs the FP8 layers of ``nvfp4``/``w4a8``/``mxfp8``): its keys
+replace the rule's ``kind`` and parameters for that mode only (:meth:`RuleSet.for_mode`). Cases: no
+table (the rule as written), a table changing parameters, a table changing the kind (e.g. ``never``
+with a ``reason``), an unknown mode or kind or an ``op_types`` key in the table (refused when read).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: the key of a rule's per-mode tables, and the modes (base Q/DQ formats) a table may name
+MODES_KEY = "modes"
+MODE_OVERRIDE_NAMES = ("int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,15 @@ class Rule:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.params.get(key, default)
+
+    def for_mode(self, mode: str | None) -> Rule:
+        """This rule with its ``[rules.modes.<mode>]`` table applied (itself when it has none)."""
+        override = self.params.get(MODES_KEY, {}).get(mode) if mode is not None else None
+        if not override:
+            return self
+        params = {k: v for k, v in self.params.items() if k != MODES_KEY}
+        params.update({k: v for k, v in override.items() if k != "kind"})
+        return Rule(self.name, override.get("kind", self.kind), self.op_types, params)
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,10 @@ class RuleSet:
     def rule_for(self, op_type: str) -> Rule | None:
         """The first rule listing ``op_type``: order in the file is priority."""
         return next((rule for rule in self.rules if op_type in rule.op_types), None)
+
+    def for_mode(self, mode: str | None) -> RuleSet:
+        """The rules as the base format ``mode`` (``int8``, ``fp8``; None: as written) applies them."""
+        return replace(self, rules=tuple(rule.for_mode(mode) for rule in self.rules))
 
 
 def patterns_dir() -> Path:
@@ -92,6 +114,7 @@ def parse_rule_set(data: dict[str, Any], source: str) -> RuleSet:
             )
         if not entry.get("op_types"):
             raise OnnxqError(f"rule {index} in {source} lists no op_types", 'add op_types = ["Conv", ...]')
+        _check_mode_tables(entry.get(MODES_KEY, {}), index, source, MATCHERS)
         params = {k: v for k, v in entry.items() if k not in ("name", "kind", "op_types")}
         rules.append(Rule(entry.get("name", kind), kind, tuple(entry["op_types"]), params))
     return RuleSet(
@@ -102,3 +125,26 @@ def parse_rule_set(data: dict[str, Any], source: str) -> RuleSet:
         rules=tuple(rules),
         source=source,
     )
+
+
+def _check_mode_tables(tables: Any, index: int, source: str, matchers: Any) -> None:
+    """Refuse per-mode tables that name an unknown mode or kind, or change the op types."""
+    if not isinstance(tables, dict):
+        raise OnnxqError(f"rule {index} in {source}: {MODES_KEY} is not a table", "write [rules.modes.fp8]")
+    for mode, table in tables.items():
+        if mode not in MODE_OVERRIDE_NAMES or not isinstance(table, dict):
+            raise OnnxqError(
+                f"rule {index} in {source} has a table for unknown mode {mode!r}",
+                f"use [rules.{MODES_KEY}.<mode>] with one of {', '.join(MODE_OVERRIDE_NAMES)}",
+            )
+        if "op_types" in table:
+            raise OnnxqError(
+                f"rule {index} in {source}: [rules.{MODES_KEY}.{mode}] sets op_types",
+                "write a separate rule for other op types; a mode table changes kind and parameters only",
+            )
+        kind = table.get("kind")
+        if kind is not None and kind not in matchers:
+            raise OnnxqError(
+                f"rule {index} in {source}: [rules.{MODES_KEY}.{mode}] has unknown kind {kind!r}",
+                f"use one of {', '.join(sorted(matchers))}",
+            )

@@ -516,3 +516,32 @@ def test_bfloat16_scales_round_like_ml_dtypes() -> None:
 def test_ir_version_is_kept() -> None:
     half, _ = converted(masked_attention())
     assert half.ir_version == IR_VERSION
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_unquantized_tensor_beyond_fp16_keeps_float32_in_a_quantized_model(mode: str) -> None:
+    """A tensor calibration does not quantize (a depthwise conv read only by a Transpose) is measured
+    too: beyond float16's range it stays float32, and the output stays finite."""
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,16,1,1] x) => (float[N,16,1,1] t, float[N,16,1,1] c2) {
+          d = Conv <group: int = 16, kernel_shape: ints = [1, 1]> (x, w)
+          t = Transpose <perm: ints = [0, 1, 3, 2]> (d)
+          c2 = Conv <kernel_shape: ints = [1, 1]> (x, w2)
+        }"""
+    )
+    rng = np.random.default_rng(7)
+    big = (rng.standard_normal((16, 1, 1, 1)) * 2000).astype(np.float32)
+    proto.graph.initializer.extend(
+        [
+            numpy_helper.from_array(big, "w"),
+            numpy_helper.from_array(rng.standard_normal((16, 16, 1, 1)).astype(np.float32), "w2"),
+        ]
+    )
+    x = (rng.standard_normal((4, 16, 1, 1)) * 40).astype(np.float32)
+    result = onnxq.quantize(proto, mode=mode, calibration_data={"x": x})
+    assert result.conversion is not None
+    producer = {n.outputs[0].name: n.name for n in result.model.graph}["d"]
+    assert "beyond the float16 limit" in result.conversion.kept_fp32[producer]
+    outputs = run(ir.serde.serialize_model(result.model), {"x": x})
+    assert all(np.isfinite(o).all() for o in outputs)
