@@ -337,11 +337,9 @@ def histogram_mse(hist: AbsHistogram, fmt: NumberFormat, clips: np.ndarray) -> n
     memory. Relies on scale-equivariance ``fq(x, c) = c * fq(x / c, 1)`` of symmetric formats.
     """
     clips = np.asarray(clips, dtype=np.float64).reshape(-1)
-    occupied = hist.counts > 0
-    centers = hist.centers[occupied]
-    weights = hist.counts[occupied].astype(np.float64)
-    total = weights.sum()
+    centers, weights = _occupied_bins(hist)
     errors = np.zeros(clips.size, dtype=np.float64)
+    total = weights.sum()
     if total == 0 or clips.size == 0:
         return errors
     block = max(1, MSE_BLOCK_ELEMENTS // centers.size)
@@ -353,6 +351,12 @@ def histogram_mse(hist: AbsHistogram, fmt: NumberFormat, clips: np.ndarray) -> n
     return errors / total
 
 
+def _occupied_bins(hist: AbsHistogram) -> tuple[np.ndarray, np.ndarray]:
+    """Midpoints and counts (float64) of the non-empty bins: empty bins cost nothing to any clip."""
+    occupied = hist.counts > 0
+    return hist.centers[occupied], hist.counts[occupied].astype(np.float64)
+
+
 def asymmetric_histogram_mse(hist: AbsHistogram, stats: TensorStats, clips: np.ndarray) -> np.ndarray:
     """Mean squared error of an asymmetric 8-bit Q/DQ for every clip in ``clips`` (see module doc).
 
@@ -360,11 +364,9 @@ def asymmetric_histogram_mse(hist: AbsHistogram, stats: TensorStats, clips: np.n
     ``ASYMMETRIC_STEPS`` steps; every bin midpoint ``m`` is restored as ``rint(min(m, c) / step) * step``.
     """
     clips = np.asarray(clips, dtype=np.float64).reshape(-1)
-    occupied = hist.counts > 0
-    centers = hist.centers[occupied]
-    weights = hist.counts[occupied].astype(np.float64)
-    total = weights.sum()
+    centers, weights = _occupied_bins(hist)
     errors = np.zeros(clips.size, dtype=np.float64)
+    total = weights.sum()
     if total == 0 or clips.size == 0:
         return errors
     positive, negative = max(stats.high, 0.0), max(-stats.low, 0.0)
