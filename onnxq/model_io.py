@@ -94,12 +94,18 @@ def convert_opset(model: ir.Model, target: int) -> ir.Model:
     return converted
 
 
+#: integer types the version converter may read as values (shapes, axes, pads, indices): kept in the proto
+_READ_BY_CONVERTER = frozenset({ir.DataType.INT64, ir.DataType.INT32})
+
+
 def _detach_weights(model: ir.Model) -> dict[str, ir.TensorProtocol]:
-    """Main-graph float initializers of at least DETACH_BYTES held in memory, replaced by placeholders."""
+    """Main-graph initializers of at least DETACH_BYTES held in memory, replaced by placeholders: float
+    weights and quantized ones (INT8/UINT8/FP8/INT4 codes of a quantized model being upgraded for its
+    FP16 rest); int64/int32 tensors stay, the converter may read them."""
     detached: dict[str, ir.TensorProtocol] = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if tensor is None or isinstance(tensor, ir.ExternalTensor) or not tensor.dtype.is_floating_point():
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype in _READ_BY_CONVERTER:
             continue
         if tensor.nbytes < DETACH_BYTES:
             continue
