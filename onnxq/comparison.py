@@ -30,6 +30,14 @@ NEAR_ZERO = 1e-6
 MOSTLY_ZERO_SHARE = 0.99
 
 
+def snr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): 3 dB per halving of the error energy; inf when exact, -inf when there
+    is no signal but some noise."""
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
 @dataclass
 class OutputMetrics:
     """Running sums for one output; the metrics are properties."""
@@ -62,12 +70,8 @@ class OutputMetrics:
 
     @property
     def snr_db(self) -> float:
-        """10 log10(signal / noise): 3 dB per halving of the error energy; inf when exact."""
-        if self.mismatched_nonfinite:
-            return -math.inf
-        if self.noise == 0.0:
-            return math.inf
-        return 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        """See :func:`snr_db`; -inf when a non-finite value appeared where the reference had none."""
+        return -math.inf if self.mismatched_nonfinite else snr_db(self.signal, self.noise)
 
     @property
     def cosine(self) -> float:

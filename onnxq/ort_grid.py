@@ -46,6 +46,7 @@ import onnx_ir as ir
 from onnxq.calibration.method_guard import first_samples, output_snr_db
 from onnxq.errors import OnnxqError
 from onnxq.graph.qdq import insert_qdq
+from onnxq.model_io import clone_model
 from onnxq.runtime import make_session
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ def choose_ort_weight_grid(
         return GridChoice(_rule_grid(tensors), reason, machine=machine)
     measured: dict[str, float] = {}
     for grid in GRIDS:
-        copy = ir.from_proto(ir.to_proto(model))
+        copy = clone_model(model)  # external weights stay on disk, found from their folder
         insert_qdq(copy, with_grid(tensors, grid), dict(activation_params), *formats)
         for label, fused in (("as_written", False), ("deployed", True)):
             session = make_session(copy, providers, custom_ops, fused_kernels=fused)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx.checker
 import onnx_ir as ir
@@ -98,13 +99,9 @@ def _load_in_ort(path: Path, model: ir.Model, custom_ops: Sequence[str]) -> None
     options.intra_op_num_threads = 1  # a load, not a run
     # a load check: pre-packed weights would be a second copy of every weight for nothing
     options.add_session_config_entry("session.disable_prepacking", "1")
-    if has_half_precision(model):
-        # float16 graphs load as written (see onnxq.runtime.make_session: ORT 1.32 CPU miscomputes them
-        # at BASIC, its QLinear* fusions refuse float16 scales, its level-3 passes crash on aecmos_16k)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif has_float8(model):
-        # ORT 1.32 CPU's extended fusions miscompute FP8 Q/DQ graphs; onnxq's sessions run them at BASIC
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    level = optimization_level(model)
+    if level is not None:
+        options.graph_optimization_level = level
     for library in custom_ops:
         try:
             options.register_custom_ops_library(str(library))
@@ -138,6 +135,27 @@ def _why_ort_cannot_run(model: ir.Model, custom_ops: Sequence[str]) -> str | Non
             return f"tensor {value.name!r} is computed in bfloat16, which ONNX Runtime's CPU kernels lack"
         if value.dtype in UNRUNNABLE_TYPES:
             return f"tensor {value.name!r} is {value.dtype.name}, which ONNX Runtime's CPU build cannot run"
+    return None
+
+
+def optimization_level(model: ir.Model, fused_kernels: bool = True) -> Any:
+    """The ONNX Runtime graph optimization level every onnxq session and load check uses for ``model``;
+    None: ORT's default (all levels, its fused CPU kernels).
+
+    - float16/bfloat16 tensors: optimizations off. ORT 1.32 CPU miscomputes a float16
+      DequantizeLinear -> Conv even at BASIC (ddddocr_common INT8 with an FP16 rest: -68 dB at the Conv
+      against 72 dB as written), its QLinear* fusions refuse float16 scales, and its level-3 passes
+      crash the process on an emulated FP16 CNN (aecmos_16k, nvfp4-w4a16);
+    - FP8 tensors, or ``fused_kernels`` False: BASIC. ORT's extended fusions change FP8 Q/DQ -> Conv/Add
+      numerics (32.3 dB at BASIC against 11.2 dB at EXTENDED on the same model); BASIC runs Q/DQ as
+      written without ORT's CPU-specific integer kernels.
+    """
+    import onnxruntime as ort
+
+    if has_half_precision(model):
+        return ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not fused_kernels or has_float8(model):
+        return ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return None
 
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.model_io import session_model
-from onnxq.output_check import has_float8, has_half_precision
+from onnxq.output_check import optimization_level
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +75,9 @@ def make_session(
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
-    if has_half_precision(model):
-        # ORT 1.32 CPU miscomputes float16 graphs even at BASIC: a float16 DequantizeLinear -> Conv of
-        # ddddocr_common (INT8, FP16 rest) measured -68 dB at BASIC against 72 dB with optimizations
-        # off; its QLinear* fusions refuse float16 scales and its level-3 passes crash on an emulated
-        # FP16 CNN. Float16 graphs run as written.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif not fused_kernels or has_float8(model):
-        # ORT 1.32 CPU's extended graph optimizations change FP8 Q/DQ -> Conv/Add numerics (measured:
-        # 32.3 dB at BASIC vs 11.2 dB at EXTENDED on the same model); BASIC keeps them exact.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    level = optimization_level(model, fused_kernels)
+    if level is not None:
+        options.graph_optimization_level = level
     for library in custom_ops:
         _register_custom_ops(options, library)
     # resolved outside the try below: its own error must not be wrapped as a model-load failure

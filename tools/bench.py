@@ -341,9 +341,9 @@ def evaluate_outcome(
     LOG.info(
         "  %s: SNR %s dB (Q/DQ emulated: %s dB), latency %s ms",
         QUANTIZER_LABELS[(outcome.quantizer, outcome.preset)],
-        _fmt(outcome.snr_db, 1),
-        _fmt(outcome.snr_emulated_db, 1),
-        _fmt(outcome.latency_ms, 2),
+        fmt(outcome.snr_db, 1),
+        fmt(outcome.snr_emulated_db, 1),
+        fmt(outcome.latency_ms, 2),
     )
 
 
@@ -389,7 +389,7 @@ def benchmark_model(
             LOG.info(
                 "  %s in %s s, peak RSS %.0f MB %s",
                 "done" if outcome.ok else "FAILED",
-                _fmt(outcome.seconds, 1),
+                fmt(outcome.seconds, 1),
                 outcome.peak_rss_mb or 0.0,
                 outcome.error,
             )
@@ -403,7 +403,7 @@ def benchmark_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def fmt(value: float | None, digits: int) -> str:
     """A number for the table, '-' when missing, 'NaN' / 'inf' spelled out."""
     if value is None:
         return "-"
@@ -414,7 +414,7 @@ def _fmt(value: float | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> str:
+def ratio(numerator: float | None, denominator: float | None) -> str:
     """numerator / denominator with two decimals, '-' when either is missing."""
     if numerator is None or denominator is None or denominator == 0:
         return "-"
@@ -450,33 +450,33 @@ def _outcome_row(report: ModelReport, outcome: QuantOutcome) -> list[str]:
     if outcome.quantizer == "onnxq":
         peer = _find(report, "ort", outcome.preset)
         if peer is not None:
-            time_ratio = _ratio(outcome.seconds, peer.seconds if peer.ok else None)
-            rss_ratio = _ratio(outcome.peak_rss_mb, peer.peak_rss_mb if peer.ok else None)
+            time_ratio = ratio(outcome.seconds, peer.seconds if peer.ok else None)
+            rss_ratio = ratio(outcome.peak_rss_mb, peer.peak_rss_mb if peer.ok else None)
     if not outcome.ok:
         return [
             report.name,
             label,
             f"FAILED: {outcome.error}",
             "-",
-            _fmt(outcome.peak_rss_mb, 0),
+            fmt(outcome.peak_rss_mb, 0),
             "-",
             "-",
             "-",
             "-",
             "-",
         ]
-    snr = f"ORT load/run failed: {outcome.eval_error}" if outcome.eval_error else _fmt(outcome.snr_db, 1)
-    speedup = _ratio(report.fp32_latency_ms, outcome.latency_ms)
+    snr = f"ORT load/run failed: {outcome.eval_error}" if outcome.eval_error else fmt(outcome.snr_db, 1)
+    speedup = ratio(report.fp32_latency_ms, outcome.latency_ms)
     return [
         report.name,
         label,
-        _fmt(outcome.seconds, 2),
+        fmt(outcome.seconds, 2),
         time_ratio or "",
-        _fmt(outcome.peak_rss_mb, 0),
+        fmt(outcome.peak_rss_mb, 0),
         rss_ratio or "",
         snr,
-        _fmt(outcome.snr_emulated_db, 1),
-        _fmt(outcome.latency_ms, 2),
+        fmt(outcome.snr_emulated_db, 1),
+        fmt(outcome.latency_ms, 2),
         speedup,
     ]
 
@@ -485,7 +485,7 @@ def markdown_table(reports: list[ModelReport]) -> str:
     """The main comparison table."""
     lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     for report in reports:
-        fp32 = [report.name, "FP32 (reference)", *[""] * 6, _fmt(report.fp32_latency_ms, 2), "1.00"]
+        fp32 = [report.name, "FP32 (reference)", *[""] * 6, fmt(report.fp32_latency_ms, 2), "1.00"]
         lines.append("| " + " | ".join(fp32) + " |")
         lines += ["| " + " | ".join(_outcome_row(report, outcome)) + " |" for outcome in report.outcomes]
     return "\n".join(lines)
@@ -505,8 +505,8 @@ def big_model_section(report: ModelReport) -> str:
             runs = "runs, non-finite output"
         cells = [
             QUANTIZER_LABELS[(outcome.quantizer, outcome.preset)],
-            _fmt(outcome.peak_rss_mb, 0),
-            _ratio(outcome.peak_rss_mb, report.size_mb),
+            fmt(outcome.peak_rss_mb, 0),
+            ratio(outcome.peak_rss_mb, report.size_mb),
             runs if outcome.ok else f"quantization failed: {outcome.error}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -57,6 +57,7 @@ if str(TOOLS_DIR) not in sys.path:
     sys.path.insert(0, str(TOOLS_DIR))
 
 import block_models  # noqa: E402  (a sibling script, importable once tools/ is on the path)
+from bench import fmt, ratio  # noqa: E402  (table cells formatted as in the main benchmark)
 
 LOG = logging.getLogger("bench_block")
 
@@ -708,24 +709,6 @@ def run_big_part(out_dir: Path, torch_python: str | None) -> tuple[ModelFiles | 
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, digits: int) -> str:
-    """A number for a table cell; '-' when missing."""
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}f}"
-
-
-def ratio(numerator: float | None, denominator: float | None) -> str:
-    """numerator / denominator with two decimals; '-' when either is missing."""
-    if numerator is None or denominator is None or denominator == 0:
-        return "-"
-    return f"{numerator / denominator:.2f}"
 
 
 def awq_seconds_per_layer(outcome: Outcome, rtn: Outcome | None, layers: int) -> float | None:

@@ -38,6 +38,7 @@ import onnx_ir as ir
 
 from onnxq.calibration.calibrator import TensorRange, clip_range
 from onnxq.graph.qdq import insert_qdq
+from onnxq.model_io import clone_model
 from onnxq.runtime import make_session
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class _Measurer:
         from onnxq.api import activation_parameters
 
         activation_format, weight_format = self.formats
-        copy = ir.from_proto(ir.to_proto(self.model))
+        copy = clone_model(self.model)  # external weights stay on disk, found from their folder
         params = activation_parameters(self.plan, ranges, activation_format, self.symmetric)
         insert_qdq(copy, self.plan.tensors(), params, activation_format, weight_format)
         return copy

@@ -22,15 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxq.comparison import snr_db
+
 #: bins of the histograms drawn in the HTML report
 HISTOGRAM_BINS = 64
-
-
-def snr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise): inf when exact, -inf when there is no signal but some noise."""
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 @dataclass
