@@ -20,12 +20,14 @@ import onnx_ir as ir
 from onnxq import option_checks
 from onnxq.algorithms.apply_smoothquant import SmoothQuantSummary
 from onnxq.algorithms.smoothquant import Alpha, check_smoothquant_options
+from onnxq.calibration.auto_method import AUTO_CANDIDATES, AUTO_METHOD, choose_method
 from onnxq.calibration.cache import check_cached_ranges, load_cache, model_hash, save_cache
 from onnxq.calibration.calibrator import (
     DEFAULT_MEMORY_LIMIT_MB,
     CalibrationSettings,
     TensorRange,
     calibrate,
+    calibrate_candidates,
     check_memory_limit,
 )
 from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_data
@@ -33,7 +35,7 @@ from onnxq.calibration.method_guard import first_samples, guard_ranges
 from onnxq.calibration.methods import get_method
 from onnxq.calibration.overrides import known_ranges, load_overrides, value_names, warn_unmatched_overrides
 from onnxq.calibration.statistics import TensorStats
-from onnxq.choices import DEFAULT_ALGORITHM, DEFAULT_INT4_BLOCK_SIZE
+from onnxq.choices import DEFAULT_ALGORITHM, DEFAULT_CALIB_METHOD, DEFAULT_INT4_BLOCK_SIZE
 from onnxq.errors import OnnxqError
 from onnxq.formats import get_format
 from onnxq.formats.base import NumberFormat, QuantParams
@@ -75,7 +77,7 @@ class QuantizeOptions:
     mode: str = "int8"
     target: str = "tensorrt"
     patterns: str | os.PathLike[str] | None = None
-    calib_method: str = "max"
+    calib_method: str = DEFAULT_CALIB_METHOD
     percentile: float | None = None
     op_types: Sequence[str] | None = None
     exclude_nodes: str | None = None
@@ -203,11 +205,13 @@ def quantize(
             activation_format=activation_format, weight_format=weight_format, symmetric=symmetric,
         )  # fmt: skip
         timer.lap("smoothquant")
-    def guard(found: dict[str, TensorRange]) -> dict[str, TensorRange]:
-        assert data is not None
-        return _guarded(working, plan, found, data, (activation_format, weight_format), symmetric, settings)
 
-    ranges = _calibrate(working, plan, data, activation_format, settings, overrides, guard)
+    def calibrate_checked(tensors: list[str]) -> dict[str, TensorRange]:
+        assert data is not None
+        formats = (activation_format, weight_format)
+        return _calibrate_checked(working, plan, tensors, data, formats, symmetric, settings)
+
+    ranges = _calibrate(working, plan, data, settings, overrides, calibrate_checked)
     timer.lap("calibrate")
     rest_ranges = _rest_ranges(working, data, ranges, settings)
     params = activation_parameters(plan, ranges, activation_format, symmetric)
@@ -290,7 +294,9 @@ def _rest_ranges(
     tensors = [t for t in dict.fromkeys(tensors) if t not in ranges]
     if not tensors:
         return {}
-    found = calibrate(model, tensors, data, get_method("max"), get_format("int8"), _calibration_settings(settings))
+    found = calibrate(
+        model, tensors, data, get_method("max"), get_format("int8"), _calibration_settings(settings)
+    )
     return {name: found[name].stats.amax for name in tensors if name in found and found[name].stats.has_data}
 
 
@@ -373,6 +379,14 @@ def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
     return settings
 
 
+def _check_calib_method(settings: QuantizeOptions) -> None:
+    """An unknown method, or ``--percentile`` with a method that reads no percentile, is refused now."""
+    name = _normalize_method(settings.calib_method)
+    if name == AUTO_METHOD:
+        return
+    get_method(settings.calib_method, **_method_options(settings))
+
+
 def _check_options(settings: QuantizeOptions) -> None:
     """Every option is checked before the first expensive step (see ``onnxq.option_checks``)."""
     option_checks.check_exclude_regex(settings.exclude_nodes)
@@ -382,6 +396,7 @@ def _check_options(settings: QuantizeOptions) -> None:
     option_checks.check_positive("--calib-batch-size", settings.calib_batch_size, integer=True)
     option_checks.check_positive("--calib-max-samples", settings.calib_max_samples, integer=True)
     option_checks.check_percentile(settings.percentile)
+    _check_calib_method(settings)
     option_checks.check_existing_file("--patterns", settings.patterns)
     for library in settings.ort_custom_ops:
         option_checks.check_existing_file("--ort-custom-ops", library, "custom-op library")
@@ -423,7 +438,9 @@ def _check_high_precision(settings: QuantizeOptions) -> None:
         )
     if settings.low_precision_io and high_precision_for(settings) == "fp32":
         raise OnnxqError("--low-precision-io needs an fp16 or bf16 rest", "add --high-precision fp16")
-    if (settings.keep_fp32_ops is not None or settings.keep_fp32_nodes) and high_precision_for(settings) == "fp32":
+    if (settings.keep_fp32_ops is not None or settings.keep_fp32_nodes) and high_precision_for(
+        settings
+    ) == "fp32":
         raise OnnxqError(
             "--keep-fp32-ops/--keep-fp32-nodes choose float32 islands of an fp16 or bf16 rest, and the rest is fp32",
             "add --high-precision fp16 or drop them",
@@ -549,21 +566,69 @@ def _calibrate(
     model: ir.Model,
     plan: Plan,
     data: CalibrationData | None,
-    fmt: NumberFormat,
     settings: QuantizeOptions,
     overrides: dict[str, tuple[float, float]],
-    guard: Callable[[dict[str, TensorRange]], dict[str, TensorRange]],
+    calibrate_checked: Callable[[list[str]], dict[str, TensorRange]],
 ) -> dict[str, TensorRange]:
     tensors = list(dict.fromkeys(plan.activation_tensors() + plan.dynamic_activation_tensors()))
     if not tensors or data is None:
         return {}
-    ranges = _cached_or_calibrated(model, tensors, data, fmt, settings, guard)
+    ranges = _cached_or_calibrated(model, tensors, data, settings, calibrate_checked)
     if settings.calib_cache is not None:
         cached = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if r.source == "cache"}
         check_cached_ranges(settings.calib_cache, cached)
     _drop_nonfinite(plan, ranges)
     _apply_known_ranges(model, ranges, overrides)
     return ranges
+
+
+def _calibrate_checked(
+    model: ir.Model,
+    plan: Plan,
+    tensors: list[str],
+    data: CalibrationData,
+    formats: tuple[NumberFormat, NumberFormat],
+    symmetric: bool,
+    settings: QuantizeOptions,
+) -> dict[str, TensorRange]:
+    """The ranges of the method asked for, measured before they are used.
+
+    ``auto`` computes every candidate method's ranges from one pair of passes and keeps the one whose
+    quantized model measures best (``calibration.auto_method``); any other method is checked by the
+    guard (far below ``max`` falls back to it). Activations quantized per block at run time (NVFP4's
+    global scale) keep ``max`` under ``auto``: the measured copies carry per-tensor Q/DQ only, so
+    nothing would measure a clip of theirs.
+    """
+    activation_format = formats[0]
+    options = _method_options(settings)
+    calibration_settings = _calibration_settings(settings)
+    if _normalize_method(settings.calib_method) != AUTO_METHOD:
+        method = get_method(settings.calib_method, **options)
+        found = calibrate(model, tensors, data, method, activation_format, calibration_settings)
+        return _guarded(model, plan, found, data, formats, symmetric, settings)
+    static = set(plan.activation_tensors()) & set(tensors)
+    names = AUTO_CANDIDATES if static else ("max",)
+    methods = [get_method(name, **(options if name == "percentile" else {})) for name in names]
+    candidates = calibrate_candidates(model, tensors, data, methods, activation_format, calibration_settings)
+    for ranges in candidates.values():
+        ranges.update({t: candidates["max"][t] for t in tensors if t not in static})
+    if not static:
+        return candidates["max"]
+    choice = choose_method(
+        model, plan, candidates, first_samples(data), formats, symmetric, settings.providers,
+        settings.ort_custom_ops,
+    )  # fmt: skip
+    logger.info("%s", choice.note())
+    plan.notes.append(choice.note())
+    return choice.ranges
+
+
+def _method_options(settings: QuantizeOptions) -> dict[str, Any]:
+    return {"percentile": settings.percentile} if settings.percentile is not None else {}
+
+
+def _normalize_method(name: str) -> str:
+    return name.strip().lower()
 
 
 def _guarded(
@@ -596,14 +661,12 @@ def _cached_or_calibrated(
     model: ir.Model,
     tensors: list[str],
     data: CalibrationData,
-    fmt: NumberFormat,
     settings: QuantizeOptions,
-    guard: Callable[[dict[str, TensorRange]], dict[str, TensorRange]],
+    calibrate_checked: Callable[[list[str]], dict[str, TensorRange]],
 ) -> dict[str, TensorRange]:
-    """Ranges read from the cache, or calibrated and checked by ``guard`` (a clipping method far below
-    ``max`` falls back to it) before they are cached: a cache holds the decision, not a step before it."""
-    method_options = {"percentile": settings.percentile} if settings.percentile is not None else {}
-    method = get_method(settings.calib_method, **method_options)
+    """Ranges read from the cache, or calibrated and checked (``auto``'s choice, or the guard's) before
+    they are cached: a cache holds the decision, not a step before it."""
+    method_options = _method_options(settings)
     # hashing reads every weight: only done when a cache is asked for
     identity = (
         _cache_identity(model, data, settings, method_options) if settings.calib_cache is not None else {}
@@ -616,7 +679,7 @@ def _cached_or_calibrated(
             return {t: _range_from_cache(*cached[t]) for t in tensors}
         logger.warning("calibration cache lacks %d tensors; calibrating again", len(missing))
     # uint8 is priced on its own asymmetric grid (methods.asymmetric_histogram_mse)
-    ranges = guard(calibrate(model, tensors, data, method, fmt, _calibration_settings(settings)))
+    ranges = calibrate_checked(tensors)
     if settings.calib_cache is not None:
         chosen = {t: (r.chosen_low, r.chosen_high) for t, r in ranges.items() if not r.nonfinite}
         save_cache(settings.calib_cache, chosen, **identity, observed=_observed(ranges))

@@ -17,9 +17,10 @@ DEFAULT_ALGORITHM = "awq-full"
 DEFAULT_INT4_BLOCK_SIZE = 128
 #: deployment targets, one placement rule set each in patterns/
 TARGETS = ("tensorrt", "ort")
-#: built-in calibration methods (onnxq.calibration.methods registers these names)
-CALIB_METHODS = ("entropy", "max", "mse", "percentile")
-DEFAULT_CALIB_METHOD = "max"
+#: built-in calibration methods (onnxq.calibration.methods registers all but auto, which measures them)
+CALIB_METHODS = ("auto", "entropy", "max", "mse", "percentile")
+#: every built-in method measured on a few calibration samples, the best kept (calibration/auto_method.py)
+DEFAULT_CALIB_METHOD = "auto"
 #: memory for the tensors one calibration run hands back, in MB
 DEFAULT_CALIB_MEMORY_MB = 512
 #: AutoQuantize: the formats each layer may take (modes, and fp16: the layer stays in the high-precision rest)

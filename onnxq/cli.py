@@ -166,7 +166,7 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--patterns", help="a TOML placement rule set replacing the target's")
     parser.add_argument("--calib-method", default=DEFAULT_CALIB_METHOD, choices=CALIB_METHODS)
-    parser.add_argument("--percentile", type=float, help="for --calib-method percentile (default 99.99)")
+    parser.add_argument("--percentile", type=float, help="for --calib-method percentile and auto (default 99.99)")
     parser.add_argument("--calib-batch-size", type=int, help="samples per ONNX Runtime run")
     parser.add_argument("--calib-max-samples", type=int, help="use at most this many samples")
     parser.add_argument(

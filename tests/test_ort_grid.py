@@ -20,6 +20,8 @@ import pytest
 
 import onnxq.api as api
 import onnxq.ort_grid as ort_grid
+from onnxq.calibration.calibrator import TensorRange, calibrate
+from onnxq.calibration.methods import get_method
 from onnxq.errors import OnnxqError
 from onnxq.graph.qdq import insert_qdq
 from onnxq.model_io import load_model
@@ -95,7 +97,11 @@ def _prepared(model_path: Path, target: str = "ort") -> tuple[Any, ...]:
     plan = plan_placement(model, rules, api._placement(settings))
     formats = api.formats_for("int8", rules.activation_symmetric)
     data = api._open_data(model, plan, _feeds(), settings)
-    ranges = api._calibrate(model, plan, data, formats[0], settings, {}, guard=lambda found: found)
+
+    def max_ranges(tensors: list[str]) -> dict[str, TensorRange]:
+        return calibrate(model, tensors, data, get_method("max"), formats[0])
+
+    ranges = api._calibrate(model, plan, data, settings, {}, max_ranges)
     params = api.activation_parameters(plan, ranges, formats[0], rules.activation_symmetric)
     return model, plan, params, formats
 

@@ -206,15 +206,35 @@ def calibrate(
     settings: CalibrationSettings | None = None,
 ) -> dict[str, TensorRange]:
     """Ranges for ``tensors``: observed statistics and the symmetric clip chosen by ``method``."""
+    return calibrate_candidates(model, tensors, data, [method], fmt, settings)[method.name]
+
+
+def calibrate_candidates(
+    model: ir.Model,
+    tensors: list[str],
+    data: CalibrationData,
+    methods: Sequence[CalibrationMethod],
+    fmt: NumberFormat,
+    settings: CalibrationSettings | None = None,
+) -> dict[str, dict[str, TensorRange]]:
+    """Per method name, the ranges that method chooses for ``tensors``, from one pair of passes.
+
+    Every method reads the same statistics: pass 1 runs once, and pass 2 (the histograms) once when
+    any method needs it, so comparing methods costs no extra pass over the data.
+    """
     calibrator = Calibrator(model, tensors, data, settings or CalibrationSettings())
     stats, per_sample = calibrator.collect_stats()
-    histograms = calibrator.collect_histograms(stats, per_sample) if method.needs_histogram else {}
-    ranges = {}
-    for tensor in tensors:
-        threshold = _threshold(method, stats[tensor], histograms.get(tensor), fmt)
-        low, high = clip_range(stats[tensor], threshold)
-        ranges[tensor] = TensorRange(stats[tensor], low, high, f"calibration ({method.name})")
-    return ranges
+    needs_histogram = any(method.needs_histogram for method in methods)
+    histograms = calibrator.collect_histograms(stats, per_sample) if needs_histogram else {}
+    candidates: dict[str, dict[str, TensorRange]] = {}
+    for method in methods:
+        ranges = {}
+        for tensor in tensors:
+            threshold = _threshold(method, stats[tensor], histograms.get(tensor), fmt)
+            low, high = clip_range(stats[tensor], threshold)
+            ranges[tensor] = TensorRange(stats[tensor], low, high, f"calibration ({method.name})")
+        candidates[method.name] = ranges
+    return candidates
 
 
 def _threshold(

@@ -150,14 +150,14 @@ def guard_ranges(
     """
     if method_name.strip().lower() == "max":
         return GuardDecision(method_ranges, "max", math.nan, math.nan, None)
-    reference = _float_outputs(model, samples, providers, custom_ops)
+    reference = float_outputs(model, samples, providers, custom_ops)
     if not samples or not any(reference_batch for reference_batch in reference):
         warning = (
             f"calibration method {method_name!r} was not checked against 'max': no held-out float output"
         )
         return GuardDecision(method_ranges, method_name, math.nan, math.nan, warning)
     fallback = max_ranges(method_ranges)
-    measure = _Measurer(model, plan, formats, symmetric, samples, reference, providers, custom_ops)
+    measure = RangeMeasurer(model, plan, formats, symmetric, samples, reference, providers, custom_ops)
     method_snr = measure.snr(method_ranges)
     max_snr = measure.snr(fallback)
     if method_snr >= max_snr - FAR_BELOW_MAX_DB:
@@ -170,7 +170,7 @@ def guard_ranges(
 
 
 @dataclass(frozen=True)
-class _Measurer:
+class RangeMeasurer:
     """Quantizes copies of one prepared model with given ranges and measures their output SNR."""
 
     model: ir.Model
@@ -202,7 +202,7 @@ class _Measurer:
         return copy
 
 
-def _float_outputs(
+def float_outputs(
     model: ir.Model, samples: Sequence[Feed], providers: Sequence[str] | None, custom_ops: Sequence[str]
 ) -> list[list[np.ndarray]]:
     if not samples:

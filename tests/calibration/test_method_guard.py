@@ -15,8 +15,9 @@ import pytest
 
 import onnxq
 import onnxq.api as api
-from onnxq.calibration.calibrator import TensorRange
+from onnxq.calibration.calibrator import TensorRange, calibrate
 from onnxq.calibration.data import open_calibration_data
+from onnxq.calibration.methods import get_method
 from onnxq.calibration.method_guard import (
     DEFAULT_GUARD_SAMPLES,
     FAR_BELOW_MAX_DB,
@@ -79,7 +80,11 @@ def _prepared(model_path: Path, data_path: Path, target: str) -> tuple[Any, ...]
     plan = plan_placement(model, rules, api._placement(settings))
     formats = api.formats_for("int8", rules.activation_symmetric)
     data = api._open_data(model, plan, str(data_path), settings)
-    ranges = api._calibrate(model, plan, data, formats[0], settings, {}, guard=lambda found: found)
+
+    def max_ranges(tensors: list[str]) -> dict[str, TensorRange]:
+        return calibrate(model, tensors, data, get_method("max"), formats[0])
+
+    ranges = api._calibrate(model, plan, data, settings, {}, max_ranges)
     return model, plan, ranges, formats, rules.activation_symmetric
 
 
@@ -178,7 +183,12 @@ def test_max_snr_equals_the_written_model(model_path: Path, data_path: Path, tmp
     written = tmp_path / "max.onnx"
     # the guard measures with the rule set's weight grid (7-bit): the same as a model for an AVX2 CPU
     onnxq.quantize(
-        str(model_path), calibration_data=str(data_path), target="ort", output_path=written, ort_cpu="avx2"
+        str(model_path),
+        calibration_data=str(data_path),
+        target="ort",
+        output_path=written,
+        ort_cpu="avx2",
+        calib_method="max",
     )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
