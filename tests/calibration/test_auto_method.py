@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ mlp (float[N, 32] x) => (float[N, 32] y) {{
 """
 
 
-def _with_weights(text: str, shapes: dict[str, tuple[int, ...]], path: Path) -> Path:
+def _with_weights(text: str, shapes: Mapping[str, tuple[int, ...]], path: Path) -> Path:
     rng = np.random.default_rng(SEED)
     proto = onnx.parser.parse_model(text)
     for name, shape in shapes.items():
