@@ -142,6 +142,8 @@ class QuantizeResult:
     plugins: ReplaceSummary | None = None
     #: what SmoothQuant did per GEMM group (None: not asked for)
     smoothquant: SmoothQuantSummary | None = None
+    #: how the activation ranges were chosen, one line ("" when nothing was calibrated)
+    calibration_summary: str = ""
 
     @property
     def calibration(self) -> dict[str, TensorRange]:
@@ -206,10 +208,15 @@ def quantize(
         )  # fmt: skip
         timer.lap("smoothquant")
 
+    calibration_summary = {"text": "read from the calibration cache"}
+
     def calibrate_checked(tensors: list[str]) -> dict[str, TensorRange]:
         assert data is not None
         formats = (activation_format, weight_format)
-        return _calibrate_checked(working, plan, tensors, data, formats, symmetric, settings)
+        found, calibration_summary["text"] = _calibrate_checked(
+            working, plan, tensors, data, formats, symmetric, settings
+        )
+        return found
 
     ranges = _calibrate(working, plan, data, settings, overrides, calibrate_checked)
     timer.lap("calibrate")
@@ -251,6 +258,7 @@ def quantize(
         working, plan, ranges, path, insertion, timer.laps, blocks,
         algorithm=algorithm if spec.block_weight == "int4" else "", conversion=conversion,
         smoothquant=smoothing, plugins=plugins,
+        calibration_summary=calibration_summary["text"] if ranges else "",
     )  # fmt: skip
 
 
@@ -590,8 +598,8 @@ def _calibrate_checked(
     formats: tuple[NumberFormat, NumberFormat],
     symmetric: bool,
     settings: QuantizeOptions,
-) -> dict[str, TensorRange]:
-    """The ranges of the method asked for, measured before they are used.
+) -> tuple[dict[str, TensorRange], str]:
+    """The ranges of the method asked for, measured before they are used, and a summary line.
 
     ``auto`` computes every candidate method's ranges from one pair of passes and keeps the one whose
     quantized model measures best (``calibration.auto_method``); any other method is checked by the
@@ -605,7 +613,9 @@ def _calibrate_checked(
     if _normalize_method(settings.calib_method) != AUTO_METHOD:
         method = get_method(settings.calib_method, **options)
         found = calibrate(model, tensors, data, method, activation_format, calibration_settings)
-        return _guarded(model, plan, found, data, formats, symmetric, settings)
+        kept = _guarded(model, plan, found, data, formats, symmetric, settings)
+        replaced = kept is not found
+        return kept, f"{method.name}" + (" (far below max: max used)" if replaced else "")
     static = set(plan.activation_tensors()) & set(tensors)
     names = AUTO_CANDIDATES if static else ("max",)
     methods = [get_method(name, **(options if name == "percentile" else {})) for name in names]
@@ -613,14 +623,14 @@ def _calibrate_checked(
     for ranges in candidates.values():
         ranges.update({t: candidates["max"][t] for t in tensors if t not in static})
     if not static:
-        return candidates["max"]
+        return candidates["max"], "auto: max (per-block activations only)"
     choice = choose_method(
         model, plan, candidates, first_samples(data), formats, symmetric, settings.providers,
         settings.ort_custom_ops,
     )  # fmt: skip
     logger.info("%s", choice.note())
     plan.notes.append(choice.note())
-    return choice.ranges
+    return choice.ranges, choice.summary()
 
 
 def _method_options(settings: QuantizeOptions) -> dict[str, Any]:

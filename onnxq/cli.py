@@ -166,7 +166,9 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--patterns", help="a TOML placement rule set replacing the target's")
     parser.add_argument("--calib-method", default=DEFAULT_CALIB_METHOD, choices=CALIB_METHODS)
-    parser.add_argument("--percentile", type=float, help="for --calib-method percentile and auto (default 99.99)")
+    parser.add_argument(
+        "--percentile", type=float, help="for --calib-method percentile and auto (default 99.99)"
+    )
     parser.add_argument("--calib-batch-size", type=int, help="samples per ONNX Runtime run")
     parser.add_argument("--calib-max-samples", type=int, help="use at most this many samples")
     parser.add_argument(
@@ -298,7 +300,9 @@ def _add_keep_fp32(parser: argparse.ArgumentParser) -> None:
         "overflow (Exp, Pow, ReduceSum, ...: see --explain); 'none' keeps none",
     )
     parser.add_argument(
-        "--keep-fp32-nodes", metavar="NAMES", help="comma-separated node names an fp16/bf16 rest keeps in float32"
+        "--keep-fp32-nodes",
+        metavar="NAMES",
+        help="comma-separated node names an fp16/bf16 rest keeps in float32",
     )
 
 
@@ -416,7 +420,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.auto is not None:
         result = _quantize_auto(args, options, output)
     elif args.min_snr is None:
-        result = quantize(args.model, mode=args.mode, calibration_data=args.calib, output_path=output, **options)
+        result = quantize(
+            args.model, mode=args.mode, calibration_data=args.calib, output_path=output, **options
+        )
     else:
         result = _quantize_to_target(args, options, output)
     if args.explain:
@@ -444,9 +450,16 @@ def _quantize_to_target(args: argparse.Namespace, options: dict[str, Any], outpu
     from onnxq.report.fallback import meet_snr_target
 
     if args.calib is None:
-        raise OnnxqError("--min-snr measures the quantized model on data, and no --calib was given", "add --calib")
+        raise OnnxqError(
+            "--min-snr measures the quantized model on data, and no --calib was given", "add --calib"
+        )
     fallback = meet_snr_target(
-        args.model, args.calib, {"mode": args.mode, **options}, args.min_snr, args.eval_data, output_path=output
+        args.model,
+        args.calib,
+        {"mode": args.mode, **options},
+        args.min_snr,
+        args.eval_data,
+        output_path=output,
     )
     _console().print(
         f"--min-snr {args.min_snr:g} dB: {fallback.snr_db:.2f} dB on {fallback.holdout}, "
@@ -608,6 +621,8 @@ def print_summary(result: QuantizeResult, model: Path, output: Path, seconds: fl
     before = result.insertion.weight_bytes_before + blocks.weight_bytes_before
     after = result.insertion.weight_bytes_after + blocks.weight_bytes_after
     table.add_row("weights quantized", f"{_megabytes(before)} -> {_megabytes(after)}")
+    if result.calibration_summary:
+        table.add_row("calibration", result.calibration_summary)
     if result.conversion is not None:
         conversion = result.conversion
         table.add_row(

@@ -17,8 +17,8 @@ from test_cli import run_cli
 
 import onnxq
 from onnxq import progress
-from onnxq.calibration.methods import registered_methods
 from onnxq.calibration.auto_method import AUTO_METHOD
+from onnxq.calibration.methods import registered_methods
 from onnxq.choices import CALIB_METHODS, DEFAULT_CALIB_MEMORY_MB
 from onnxq.cli import main
 

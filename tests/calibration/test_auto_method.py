@@ -138,7 +138,10 @@ def test_auto_is_the_default_and_keeps_what_independent_runs_measure_best(
         )  # fmt: skip
         # the guard replaces a method far below max by max: that file does not measure the method
         if {r.source for r in explicit.ranges.values()} == {f"calibration ({method})"}:
+            assert explicit.calibration_summary == method
             measured[method] = _snr_on_first_samples(model, out, data)
+        else:
+            assert explicit.calibration_summary == f"{method} (far below max: max used)"
     expected = best_method(measured)
     assert expected != "max", f"the heavy-tailed data no longer favours a clipping method: {measured}"
     auto_out = tmp_path / "auto.onnx"
@@ -152,6 +155,7 @@ def test_auto_is_the_default_and_keeps_what_independent_runs_measure_best(
         assert reported == pytest.approx(snr, abs=0.006)
     assert auto_out.read_bytes() == (tmp_path / f"{expected}.onnx").read_bytes()
     assert {r.source for r in result.ranges.values()} == {f"calibration ({expected})"}
+    assert result.calibration_summary.startswith(f"auto: {expected} (")
 
 
 def test_auto_on_per_block_activations_keeps_max_without_measuring(tmp_path: Path) -> None:

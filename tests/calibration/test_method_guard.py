@@ -17,7 +17,6 @@ import onnxq
 import onnxq.api as api
 from onnxq.calibration.calibrator import TensorRange, calibrate
 from onnxq.calibration.data import open_calibration_data
-from onnxq.calibration.methods import get_method
 from onnxq.calibration.method_guard import (
     DEFAULT_GUARD_SAMPLES,
     FAR_BELOW_MAX_DB,
@@ -27,6 +26,7 @@ from onnxq.calibration.method_guard import (
     max_ranges,
     output_snr_db,
 )
+from onnxq.calibration.methods import get_method
 from onnxq.calibration.statistics import TensorStats
 from onnxq.model_io import load_model
 from onnxq.modes import mode_spec
