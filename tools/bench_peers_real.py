@@ -332,11 +332,13 @@ def quark_rows(
     for method in QUARK_METHODS:
         output = work / f"{model.name}_quark_{method}.onnx"
         command = [
-            str(python), __file__, "quark-run", "--model", str(source), "--input", model.input,
-            "--calib", str(data / f"{model.name}_calib.npz"), "--method", method, "--output", str(output),
+            str(python), str(Path(__file__).resolve()), "quark-run", "--model", str(source.resolve()),
+            "--input", model.input, "--calib", str((data / f"{model.name}_calib.npz").resolve()),
+            "--method", method, "--output", str(output.resolve()),
         ]  # fmt: skip
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # Quark writes a profile (quantized_info.csv) into the working directory: keep it out of the repo
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=work)
         seconds = time.perf_counter() - started
         label = f"{method} (default)" if method == QUARK_METHODS[0] else method
         try:
