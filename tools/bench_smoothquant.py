@@ -402,6 +402,8 @@ def render(rows: list[Row], routes: set[str], notes: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     import onnxruntime
 
+    from onnxq.choices import DEFAULT_CALIB_METHOD
+
     lines += [
         "",
         f"- Models: `encoder` (pretrained-like, hidden {ENCODER.hidden}, {ENCODER.layers} post-LN layers, "
@@ -410,9 +412,8 @@ def render(rows: list[Row], routes: set[str], notes: list[str]) -> str:
         f"{CALIB_SAMPLES} calibration samples, {EVAL_SAMPLES} held-out samples (other seed).",
         "- SNR: 10 log10(|ref|^2 / |ref - q|^2) of the output on the held-out set, ONNX Runtime "
         f"{onnxruntime.__version__} CPU: as written (ORT_ENABLE_BASIC) and deployed (ORT_ENABLE_ALL, fused kernels).",
-        f"- onnxq rows: calibration `max` (the default), the rest in {_rest_types()}. SmoothQuant route: "
-        + ("; ".join(sorted(routes)) or "n/a")
-        + ".",
+        f"- onnxq rows: onnxq's default calibration method ({DEFAULT_CALIB_METHOD}), the rest in "
+        f"{_rest_types()}. SmoothQuant route: " + ("; ".join(sorted(routes)) or "n/a") + ".",
         *notes,
     ]
     return "\n".join(lines) + "\n"
