@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,13 @@ import onnx_ir as ir
 from onnxq import option_checks
 from onnxq.algorithms.apply_smoothquant import SmoothQuantSummary
 from onnxq.algorithms.smoothquant import Alpha, check_smoothquant_options
-from onnxq.calibration.auto_method import AUTO_CANDIDATES, AUTO_METHOD, choose_method
+from onnxq.calibration.auto_method import (
+    AUTO_CANDIDATES,
+    AUTO_METHOD,
+    AUTO_SAMPLES,
+    CandidateSetup,
+    choose_method,
+)
 from onnxq.calibration.cache import check_cached_ranges, load_cache, model_hash, save_cache
 from onnxq.calibration.calibrator import (
     DEFAULT_MEMORY_LIMIT_MB,
@@ -624,10 +630,9 @@ def _calibrate_checked(
         ranges.update({t: candidates["max"][t] for t in tensors if t not in static})
     if not static:
         return candidates["max"], "auto: max (per-block activations only)"
-    choice = choose_method(
-        model, plan, candidates, first_samples(data), formats, symmetric, settings.providers,
-        settings.ort_custom_ops,
-    )  # fmt: skip
+    quiet = replace(calibration_settings, progress=False)  # the folds' small calibrations
+    setup = CandidateSetup(tensors, static, methods, formats, symmetric, quiet)
+    choice = choose_method(model, plan, candidates, first_samples(data, AUTO_SAMPLES), data.specs, setup)
     logger.info("%s", choice.note())
     plan.notes.append(choice.note())
     return choice.ranges, choice.summary()
