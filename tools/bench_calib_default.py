@@ -6,8 +6,8 @@ For each model, target and mode this quantizes with ``onnxq.quantize`` (its defa
 TensorRT target's FP16 rest, the ORT target's per-CPU weight grid) once per method and measures the
 output SNR in dB of all float outputs pooled over the held-out samples against the FP32 model, ONNX
 Runtime CPU with graph optimizations off (Q/DQ as written; ORT 1.32 miscomputes float16 DQ -> Conv at
-BASIC). ``auto`` chooses on the first 16 *calibration* samples; the held-out samples are never seen by
-it, so the table says whether its choice holds on other data.
+BASIC). ``auto`` chooses by cross-validation on the first 32 *calibration* samples; the held-out
+samples are never seen by it, so the table says whether its choice holds on other data.
 
 Models are given as ``name=MODEL.onnx,CALIB.npz,HELD.npz`` (npz keys = input names, first axis = samples);
 ``--preset`` lists the ones this project measures, with the paths the other benchmarks' data steps write:
@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Default calibration method (auto) vs max and the fixed methods",
         "",
         f"Tool: `tools/bench_calib_default.py`. onnxruntime {onnxruntime.__version__}; 2 shared cores; "
-        f"{time.perf_counter() - started:.0f} s in all. `auto` chose on the first 16 calibration samples; "
-        "the SNR is over the held-out samples, which it never saw. A fixed method in brackets: the guard "
+        f"{time.perf_counter() - started:.0f} s in all. `auto` chose by cross-validation on the first 32 "
+        "calibration samples; the SNR is over the held-out samples, which it never saw. A fixed method in brackets: the guard "
         "replaced it by `max` (far below it on 16 calibration samples).",
         *[f"- not measured: {m}" for m in missing],
     ]
