@@ -632,7 +632,9 @@ def _calibrate_checked(
         return candidates["max"], "auto: max (per-block activations only)"
     quiet = replace(calibration_settings, progress=False)  # the folds' small calibrations
     setup = CandidateSetup(tensors, static, methods, formats, symmetric, quiet)
-    choice = choose_method(model, plan, candidates, first_samples(data, AUTO_SAMPLES), data.specs, setup)
+    samples = first_samples(data, AUTO_SAMPLES)
+    count = sum(data.samples_in(feed) for feed in samples)
+    choice = choose_method(model, plan, candidates, samples, count, data.specs, setup)
     logger.info("%s", choice.note())
     plan.notes.append(choice.note())
     return choice.ranges, choice.summary()

@@ -21,8 +21,8 @@ Cases handled:
   candidate in :data:`AUTO_CANDIDATES`;
 * candidates whose ranges are identical within a fold are measured once;
 * a candidate whose output turns non-finite where the float one is finite measures ``-inf`` and loses;
-* fewer than two feeds, or no floating-point output: nothing can be measured out of sample, ``max``
-  is used and the note says so;
+* fewer than :data:`AUTO_MIN_SAMPLES` samples, fewer than two feeds, or no floating-point output:
+  nothing can be measured out of sample reliably, ``max`` is used and the note says so;
 * activations quantized per block at run time keep ``max`` in every candidate (the measured copies
   carry per-tensor Q/DQ only);
 * only the methods passed are measured (a caller may pass a subset; it must include ``max``).
@@ -59,6 +59,10 @@ AUTO_CANDIDATES = ("max", "percentile", "mse", "entropy")
 AUTO_MARGIN_DB = 0.5
 #: calibration samples the two folds share: 16 measured per fold, as the guard measures
 AUTO_SAMPLES = 32
+#: Fewer samples keep ``max`` unmeasured: on the real-model sweep (4 calibration samples, folds of 2)
+#: the cross-validated pick against ``max`` on 2 held-out samples was better in 20 runs and worse in 14,
+#: a coin flip; with 16 or more (tools/results/bench_calib_default.md) it gains on most models
+AUTO_MIN_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class MethodChoice:
     def summary(self) -> str:
         """A few words for the CLI's summary table."""
         if not self.snr_db:
-            return f"auto: max (too few calibration feeds to cross-validate: {self.samples})"
+            return f"auto: max (too few calibration samples to cross-validate: {self.samples})"
         if self.chosen == "max":
             return (
                 f"auto: max ({self.snr_db['max']:.1f} dB cross-validated on {self.samples} samples; "
@@ -89,8 +93,8 @@ class MethodChoice:
         """One line for the plan's notes and the log."""
         if not self.snr_db:
             return (
-                f"calibration method auto: 'max' ({self.samples} calibration feeds: too few to measure "
-                "the methods on samples they were not calibrated on)"
+                f"calibration method auto: 'max' ({self.samples} calibration samples: too few to measure "
+                f"the methods on samples they were not calibrated on, at least {AUTO_MIN_SAMPLES} needed)"
             )
         measured = ", ".join(f"{name} {snr:.2f}" for name, snr in self.snr_db.items())
         return (
@@ -118,25 +122,27 @@ def choose_method(
     plan: Plan,
     candidates: Mapping[str, dict[str, TensorRange]],
     samples: Sequence[Feed],
+    sample_count: int,
     specs: Sequence[InputSpec],
     setup: CandidateSetup,
 ) -> MethodChoice:
     """The method whose ranges generalize best (see the module docstring); ``candidates[chosen]`` kept.
 
     ``candidates`` maps method names to their ranges from all the calibration data and must hold
-    ``max``; ``samples`` are the feeds the two folds split; ``model`` (the prepared float model before
+    ``max``; ``samples`` are the feeds the two folds split, ``sample_count`` the samples they hold;
+    ``model`` (the prepared float model before
     Q/DQ insertion) is not modified.
     """
-    folds = _folds(samples)
+    folds = _folds(samples) if sample_count >= AUTO_MIN_SAMPLES else []
     if not folds:
-        return MethodChoice("max", candidates["max"], {}, len(samples))
+        return MethodChoice("max", candidates["max"], {}, sample_count)
     per_fold = [_fold_snr(model, plan, fit, held, specs, setup) for fit, held in folds]
     measured = [snr for snr in per_fold if snr]
     if not measured:
-        return MethodChoice("max", candidates["max"], {}, len(samples))
+        return MethodChoice("max", candidates["max"], {}, sample_count)
     snr_db = {name: sum(fold[name] for fold in measured) / len(measured) for name in measured[0]}
     chosen = best_method(snr_db)
-    return MethodChoice(chosen, candidates[chosen], snr_db, len(samples))
+    return MethodChoice(chosen, candidates[chosen], snr_db, sample_count)
 
 
 def _folds(samples: Sequence[Feed]) -> list[tuple[list[Feed], list[Feed]]]:

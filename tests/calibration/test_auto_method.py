@@ -17,7 +17,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import onnxq
-from onnxq.calibration.auto_method import AUTO_CANDIDATES, AUTO_MARGIN_DB, AUTO_SAMPLES, best_method
+from onnxq.calibration.auto_method import (
+    AUTO_CANDIDATES,
+    AUTO_MARGIN_DB,
+    AUTO_MIN_SAMPLES,
+    AUTO_SAMPLES,
+    best_method,
+)
 from onnxq.choices import DEFAULT_CALIB_METHOD
 from onnxq.errors import OnnxqError
 
@@ -197,12 +203,19 @@ def test_auto_is_the_default_and_keeps_what_independent_runs_measure_best(
     assert result.calibration_summary.startswith(f"auto: {expected} (")
 
 
-def test_one_feed_cannot_be_cross_validated_and_keeps_max(spiky: tuple[Path, Path]) -> None:
+def test_too_few_samples_keep_max_unmeasured(spiky: tuple[Path, Path]) -> None:
+    """Below AUTO_MIN_SAMPLES the folds are too small to tell methods apart: max, and the note says why."""
     model, data = spiky
-    one = {"x": np.load(data)["x"][:1]}
-    result = onnxq.quantize(str(model), calibration_data=one, high_precision="fp32")
-    assert {r.source for r in result.ranges.values()} == {"calibration (max)"}
-    assert "too few" in result.calibration_summary
+    values = np.load(data)["x"]
+    few = onnxq.quantize(
+        str(model), calibration_data={"x": values[: AUTO_MIN_SAMPLES - 1]}, high_precision="fp32"
+    )
+    assert {r.source for r in few.ranges.values()} == {"calibration (max)"}
+    assert "too few" in few.calibration_summary
+    enough = onnxq.quantize(
+        str(model), calibration_data={"x": values[:AUTO_MIN_SAMPLES]}, high_precision="fp32"
+    )
+    assert "cross-validated on 16 samples" in enough.calibration_summary
 
 
 def test_auto_on_per_block_activations_keeps_max_without_measuring(tmp_path: Path) -> None:
