@@ -23,6 +23,7 @@ from onnxq.algorithms.smoothquant import Alpha, check_smoothquant_options
 from onnxq.calibration.auto_method import (
     AUTO_CANDIDATES,
     AUTO_METHOD,
+    AUTO_MIN_SAMPLES,
     AUTO_SAMPLES,
     CandidateSetup,
     choose_method,
@@ -623,7 +624,10 @@ def _calibrate_checked(
         replaced = kept is not found
         return kept, f"{method.name}" + (" (far below max: max used)" if replaced else "")
     static = set(plan.activation_tensors()) & set(tensors)
-    names = AUTO_CANDIDATES if static else ("max",)
+    samples = first_samples(data, AUTO_SAMPLES) if static else []
+    count = sum(data.samples_in(feed) for feed in samples)
+    # too few samples to tell the methods apart: max alone, without the histogram pass
+    names = AUTO_CANDIDATES if static and count >= AUTO_MIN_SAMPLES else ("max",)
     methods = [get_method(name, **(options if name == "percentile" else {})) for name in names]
     candidates = calibrate_candidates(model, tensors, data, methods, activation_format, calibration_settings)
     for ranges in candidates.values():
@@ -632,8 +636,6 @@ def _calibrate_checked(
         return candidates["max"], "auto: max (per-block activations only)"
     quiet = replace(calibration_settings, progress=False)  # the folds' small calibrations
     setup = CandidateSetup(tensors, static, methods, formats, symmetric, quiet)
-    samples = first_samples(data, AUTO_SAMPLES)
-    count = sum(data.samples_in(feed) for feed in samples)
     choice = choose_method(model, plan, candidates, samples, count, data.specs, setup)
     logger.info("%s", choice.note())
     plan.notes.append(choice.note())

@@ -20,7 +20,8 @@ Models are given as ``name=MODEL.onnx,CALIB.npz,HELD.npz`` (npz keys = input nam
 * the ResNet-, ViT- and BERT-style benchmark models: ``tools/bench.py`` (/tmp/bbfull2/models); its
   32 eval samples move the BERT-style SNR differences between methods by up to 2 dB, so the preset also
   holds 192 fresh ones (``bench_models.make_token_batch(32, seed)`` for seeds 10..15, concatenated, in
-  bert_fresh192.npz; a torch environment writes it).
+  bert_fresh192.npz; for the ViT ``make_images(32, seed)`` in vit_fresh192.npz; a torch environment
+  writes them).
 
 Usage::
 
@@ -79,6 +80,10 @@ PRESET: dict[str, tuple[str | Path, str | Path, str | Path]] = {
     ),
     "ViT-style (benchmark)": (
         "/tmp/bbfull2/models/vit.onnx", "/tmp/bbfull2/models/vit_calib.npz", "/tmp/bbfull2/models/vit_eval.npz"
+    ),
+    "ViT-style (benchmark, 192 fresh held-out samples)": (
+        "/tmp/bbfull2/models/vit.onnx", "/tmp/bbfull2/models/vit_calib.npz",
+        "/tmp/bbfull2/models/vit_fresh192.npz",
     ),
     "BERT-style (benchmark)": (
         "/tmp/bbfull2/models/bert.onnx", "/tmp/bbfull2/models/bert_calib.npz",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -203,15 +204,20 @@ def test_auto_is_the_default_and_keeps_what_independent_runs_measure_best(
     assert result.calibration_summary.startswith(f"auto: {expected} (")
 
 
-def test_too_few_samples_keep_max_unmeasured(spiky: tuple[Path, Path]) -> None:
-    """Below AUTO_MIN_SAMPLES the folds are too small to tell methods apart: max, and the note says why."""
+def test_too_few_samples_keep_max_unmeasured(
+    spiky: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Below AUTO_MIN_SAMPLES the folds are too small to tell methods apart: max, and the note says why;
+    no histogram pass runs for methods that will not be used."""
     model, data = spiky
     values = np.load(data)["x"]
+    caplog.set_level(logging.INFO, logger="onnxq.progress")
     few = onnxq.quantize(
         str(model), calibration_data={"x": values[: AUTO_MIN_SAMPLES - 1]}, high_precision="fp32"
     )
     assert {r.source for r in few.ranges.values()} == {"calibration (max)"}
     assert "too few" in few.calibration_summary
+    assert "histograms" not in caplog.text and "calibration pass 1" in caplog.text
     enough = onnxq.quantize(
         str(model), calibration_data={"x": values[:AUTO_MIN_SAMPLES]}, high_precision="fp32"
     )
