@@ -107,7 +107,7 @@ def spiky(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         ({"max": 10.0, "mse": 10.0 + AUTO_MARGIN_DB}, "max"),  # not better by more than the margin
         ({"max": 10.0, "mse": 10.0 + AUTO_MARGIN_DB + 0.01}, "mse"),
         ({"max": 10.0, "percentile": 11.0, "mse": 12.0, "entropy": 11.5}, "mse"),
-        ({"max": 10.0, "percentile": 11.0, "mse": 11.0}, "percentile"),  # a tie: the earlier candidate
+        ({"max": 10.0, "percentile": 11.5, "mse": 11.5}, "percentile"),  # a tie: the earlier candidate
         ({"max": -math.inf, "entropy": 3.0}, "entropy"),  # max destroyed the model
         ({"max": -math.inf, "entropy": -math.inf}, "max"),
         ({"max": 12.0, "percentile": 3.0, "entropy": -math.inf}, "max"),
