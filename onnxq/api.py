@@ -39,7 +39,7 @@ from onnxq.calibration.calibrator import (
 )
 from onnxq.calibration.data import CalibrationData, InputSpec, open_calibration_data
 from onnxq.calibration.method_guard import first_samples, guard_ranges
-from onnxq.calibration.methods import get_method
+from onnxq.calibration.methods import get_method, normalize_method_name
 from onnxq.calibration.overrides import known_ranges, load_overrides, value_names, warn_unmatched_overrides
 from onnxq.calibration.statistics import TensorStats
 from onnxq.choices import DEFAULT_ALGORITHM, DEFAULT_CALIB_METHOD, DEFAULT_INT4_BLOCK_SIZE
@@ -309,9 +309,7 @@ def _rest_ranges(
     tensors = [t for t in dict.fromkeys(tensors) if t not in ranges]
     if not tensors:
         return {}
-    found = calibrate(
-        model, tensors, data, get_method("max"), get_format("int8"), _calibration_settings(settings)
-    )
+    found = calibrate(model, tensors, data, get_method("max"), get_format("int8"), _calibration_settings(settings))
     return {name: found[name].stats.amax for name in tensors if name in found and found[name].stats.has_data}
 
 
@@ -396,7 +394,7 @@ def _options(mode: str, options: dict[str, Any]) -> QuantizeOptions:
 
 def _check_calib_method(settings: QuantizeOptions) -> None:
     """An unknown method, or ``--percentile`` with a method that reads no percentile, is refused now."""
-    name = _normalize_method(settings.calib_method)
+    name = normalize_method_name(settings.calib_method)
     if name == AUTO_METHOD:
         return
     get_method(settings.calib_method, **_method_options(settings))
@@ -453,9 +451,7 @@ def _check_high_precision(settings: QuantizeOptions) -> None:
         )
     if settings.low_precision_io and high_precision_for(settings) == "fp32":
         raise OnnxqError("--low-precision-io needs an fp16 or bf16 rest", "add --high-precision fp16")
-    if (settings.keep_fp32_ops is not None or settings.keep_fp32_nodes) and high_precision_for(
-        settings
-    ) == "fp32":
+    if (settings.keep_fp32_ops is not None or settings.keep_fp32_nodes) and high_precision_for(settings) == "fp32":
         raise OnnxqError(
             "--keep-fp32-ops/--keep-fp32-nodes choose float32 islands of an fp16 or bf16 rest, and the rest is fp32",
             "add --high-precision fp16 or drop them",
@@ -617,7 +613,7 @@ def _calibrate_checked(
     activation_format = formats[0]
     options = _method_options(settings)
     calibration_settings = _calibration_settings(settings)
-    if _normalize_method(settings.calib_method) != AUTO_METHOD:
+    if normalize_method_name(settings.calib_method) != AUTO_METHOD:
         method = get_method(settings.calib_method, **options)
         found = calibrate(model, tensors, data, method, activation_format, calibration_settings)
         kept = _guarded(model, plan, found, data, formats, symmetric, settings)
@@ -644,10 +640,6 @@ def _calibrate_checked(
 
 def _method_options(settings: QuantizeOptions) -> dict[str, Any]:
     return {"percentile": settings.percentile} if settings.percentile is not None else {}
-
-
-def _normalize_method(name: str) -> str:
-    return name.strip().lower()
 
 
 def _guarded(

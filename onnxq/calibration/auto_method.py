@@ -76,11 +76,13 @@ class MethodChoice:
     #: output SNR in dB per candidate name; empty when nothing could be measured
     snr_db: dict[str, float]
     samples: int
+    #: why nothing was measured (empty ``snr_db``): too few samples, or no floating-point output
+    unmeasured: str = "too few calibration samples to cross-validate"
 
     def summary(self) -> str:
         """A few words for the CLI's summary table."""
         if not self.snr_db:
-            return f"auto: max (too few calibration samples to cross-validate: {self.samples})"
+            return f"auto: max ({self.unmeasured}: {self.samples} samples)"
         if self.chosen == "max":
             return (
                 f"auto: max ({self.snr_db['max']:.1f} dB cross-validated on {self.samples} samples; "
@@ -95,8 +97,8 @@ class MethodChoice:
         """One line for the plan's notes and the log."""
         if not self.snr_db:
             return (
-                f"calibration method auto: 'max' ({self.samples} calibration samples: too few to measure "
-                f"the methods on samples they were not calibrated on, at least {AUTO_MIN_SAMPLES} needed)"
+                f"calibration method auto: 'max' ({self.unmeasured}: {self.samples} samples; cross-validating "
+                f"the methods needs at least {AUTO_MIN_SAMPLES} and a floating-point output)"
             )
         measured = ", ".join(f"{name} {snr:.2f}" for name, snr in self.snr_db.items())
         return (
@@ -132,8 +134,7 @@ def choose_method(
 
     ``candidates`` maps method names to their ranges from all the calibration data and must hold
     ``max``; ``samples`` are the feeds the two folds split, ``sample_count`` the samples they hold;
-    ``model`` (the prepared float model before
-    Q/DQ insertion) is not modified.
+    ``model`` (the prepared float model before Q/DQ insertion) is not modified.
     """
     folds = _folds(samples) if sample_count >= AUTO_MIN_SAMPLES else []
     if not folds:
@@ -141,7 +142,7 @@ def choose_method(
     per_fold = [_fold_snr(model, plan, fit, held, specs, setup) for fit, held in folds]
     measured = [snr for snr in per_fold if snr]
     if not measured:
-        return MethodChoice("max", candidates["max"], {}, sample_count)
+        return MethodChoice("max", candidates["max"], {}, sample_count, "no floating-point output to measure")
     snr_db = {name: sum(fold[name] for fold in measured) / len(measured) for name in measured[0]}
     chosen = best_method(snr_db)
     return MethodChoice(chosen, candidates[chosen], snr_db, sample_count)

@@ -432,7 +432,7 @@ def register_method(name: str, factory: MethodFactory, *, replace: bool = False)
     Re-registering a name is refused unless ``replace`` is set, so two plugins cannot silently
     shadow each other.
     """
-    key = _normalize(name)
+    key = normalize_method_name(name)
     if not key:
         raise ValueError("calibration method name must not be empty")
     if key in _REGISTRY and not replace:
@@ -447,7 +447,7 @@ def registered_methods() -> tuple[str, ...]:
 
 def get_method(name: str, **options: object) -> CalibrationMethod:
     """Build the calibration method called ``name`` (case-insensitive) with its options."""
-    key = _normalize(name)
+    key = normalize_method_name(name)
     factory = _REGISTRY.get(key)
     if factory is None:
         raise OnnxqError(
@@ -478,6 +478,6 @@ def _check_options(name: str, factory: MethodFactory, options: dict[str, object]
         ) from None
 
 
-def _normalize(name: str) -> str:
+def normalize_method_name(name: str) -> str:
     """Registry key: names are matched case-insensitively and without surrounding blanks."""
     return name.strip().lower()
